@@ -1,0 +1,10 @@
+"""CoTIR-9B: FLUX.2-klein-9B backbone, upstream `configs/train_cotir-9b.yaml`."""
+
+from cotir_jax.config import defaults
+
+
+def get_config():
+  c = defaults("flux.2-klein-9b")
+  c.project_name = "CoTIR-9B"
+  c.training.batch_sizes = (6, 4, 2, 1)
+  return c

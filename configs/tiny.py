@@ -1,0 +1,25 @@
+"""Tiny FLUX.2-family CoTIR with random weights: trains on a laptop CPU on the shipped sample data.
+
+The embedded default of `python -m cotir_jax.train`, the demo and the test fixture. Same code
+paths as `cotir_4b.py`; only sizes, schedule lengths and dtypes differ.
+"""
+
+from cotir_jax.config import defaults
+
+
+def get_config():
+  c = defaults("flux.2-klein-4b")
+  c.project_name = "CoTIR-tiny"
+  m = c.model
+  m.base_model_name = "tiny-flux2"
+  m.hidden_size = 64
+  m.num_heads = 2
+  m.axes_dim = (8, 8, 8, 8)
+  m.depth = 2
+  m.depth_single_blocks = 2
+  m.context_in_dim = 96  # 3 stacked hidden layers of a 32-wide tiny Qwen3
+  m.dtype = "float32"
+  m.param_dtype = "float32"
+  m.cot_adapter.depth = 2
+  m.lora.rank = 8
+  return c

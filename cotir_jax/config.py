@@ -1,0 +1,277 @@
+"""Configs: ml_collections `get_config()` files plus `a.b=v` overrides.
+
+Every recipe file in `configs/` starts from `defaults()` (upstream's training values, spec §0)
+and a backbone preset, then changes only what differs. Field names follow upstream's YAML
+(`model.cot_adapter.*`, `model.lora.*`, `data.data_dir`, `training.iterations`, ...).
+Derived values (adapter width = backbone width, trainable dtype under `compat`) are
+FieldReferences or computed in code, never written twice.
+
+Command lines everywhere use the same syntax: `--config path/to/file.py --config.a.b=value`.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+
+import ml_collections
+from ml_collections import config_dict
+
+FAMILIES = ("flux2", "flux1")
+COMPAT_MODES = ("default", "upstream")
+LORA_INITS = ("zeros", "upstream")
+ATTENTION_IMPLS = ("xla", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots")
+DTYPES = ("float32", "bfloat16")
+MIXING = ("balanced", "shuffle")
+
+
+class ConfigError(ValueError):
+  """A config value or override is invalid; the message names the field."""
+
+
+def backbone_preset(name: str) -> ml_collections.ConfigDict:
+  """Architecture of an upstream base model (spec §1): FLUX.2-klein-4B/9B or FLUX.1-Kontext-dev."""
+  presets = {
+      "flux.2-klein-4b": dict(family="flux2", hidden_size=3072, num_heads=24, depth=5,
+                              depth_single_blocks=20, context_in_dim=7680),
+      "flux.2-klein-9b": dict(family="flux2", hidden_size=4096, num_heads=32, depth=8,
+                              depth_single_blocks=24, context_in_dim=12288),
+      "flux-dev-kontext": dict(family="flux1", hidden_size=3072, num_heads=24, depth=19,
+                               depth_single_blocks=38, context_in_dim=4096),
+  }
+  if name not in presets:
+    raise ConfigError(f"model.base_model_name={name!r} is unknown; allowed: {sorted(presets)}")
+  p = presets[name]
+  m = ml_collections.ConfigDict()
+  m.base_model_name = name
+  m.family = p["family"]
+  m.hidden_size = p["hidden_size"]
+  m.num_heads = p["num_heads"]
+  m.depth = p["depth"]
+  m.depth_single_blocks = p["depth_single_blocks"]
+  m.context_in_dim = p["context_in_dim"]
+  if m.family == "flux2":
+    m.in_channels = 128
+    m.mlp_ratio = 3.0
+    m.axes_dim = (32, 32, 32, 32)
+    m.theta = 2000
+    m.vec_in_dim = 0  # FLUX.2 has no pooled-text vector
+    m.guidance_embed = False
+  else:
+    m.in_channels = 64
+    m.mlp_ratio = 4.0
+    m.axes_dim = (16, 56, 56)
+    m.theta = 10000
+    m.vec_in_dim = 768
+    m.guidance_embed = True
+  return m
+
+
+def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigDict:
+  """The upstream training recipe (spec §0) around a backbone preset."""
+  c = ml_collections.ConfigDict()
+  c.project_name = "CoTIR"
+  # "default": float32 RoPE/timesteps, float32 master weights, zero-init LoRA B.
+  # "upstream": every precision/init quirk of spec §12 and §17, as the released weights saw.
+  c.compat = "default"
+  c.seed = 0
+
+  c.model = backbone_preset(base_model_name)
+  c.model.compat = c.get_ref("compat")
+  c.model.pretrained = config_dict.placeholder(str)  # converted Orbax base checkpoint
+  c.model.dtype = "bfloat16"        # compute dtype of matmuls (float32 accumulation)
+  c.model.param_dtype = "bfloat16"  # frozen base weights
+  c.model.attention = "xla"         # jax.nn.dot_product_attention implementation
+  c.model.scan_layers = True
+  c.model.remat_policy = "full"
+  c.model.cot_adapter = ml_collections.ConfigDict()
+  c.model.cot_adapter.hidden_size = c.model.get_ref("hidden_size")
+  c.model.cot_adapter.num_heads = c.model.get_ref("num_heads")
+  c.model.cot_adapter.mlp_ratio = 4.0
+  c.model.cot_adapter.qk_scale = "None"  # upstream's YAML string; never used (spec §17.6)
+  c.model.cot_adapter.out_channels = c.model.get_ref("context_in_dim")
+  c.model.cot_adapter.depth = 6
+  c.model.lora = ml_collections.ConfigDict()
+  c.model.lora.enabled = True
+  c.model.lora.rank = 96
+  c.model.lora.scale = 1.0
+  c.model.lora.lora_bias = True  # upstream never reads it; B always has a bias
+  c.model.lora.merge_for_inference = False
+  c.model.lora.init = "zeros"    # "upstream": PyTorch default init of A, B and B's bias
+
+  c.data = ml_collections.ConfigDict()
+  c.data.data_dir = "data/sample"
+  c.data.output_dir = "saves/"
+  c.data.shuffle_buffer = 100
+  c.data.balanced_shuffle = True
+  c.data.balanced_seed = config_dict.placeholder(int)
+  c.data.return_deg_type = False
+  c.data.num_workers = 4
+  c.data.val_batch_size = 2
+  c.data.max_length = 512          # text tokens per prompt / answer
+  c.data.max_skip_fraction = 0.01  # stop the run when more samples than this are corrupt
+
+  c.training = ml_collections.ConfigDict()
+  c.training.use_gen = {0: 0.2, 10000: 0.3, 20000: 0.4, 30000: 0.5, 40000: 0.6}
+  c.training.iterations = (20000, 40000, 60000, 120001)
+  c.training.patch_sizes = (128, 256, 384, 512)
+  c.training.batch_sizes = (12, 10, 6, 4)
+  c.training.adam_beta1 = 0.9
+  c.training.adam_beta2 = 0.999
+  c.training.adam_weight_decay = 0.01
+  c.training.adam_epsilon = 1e-8
+  c.training.lr_scheduler = "cosine"
+  c.training.lr_warmup_steps = 2000
+  c.training.learning_rate = 5e-4
+  c.training.min_learning_rate = 5e-5
+  c.training.max_grad_norm = 1.0
+  c.training.gradient_accumulation_steps = 1
+  c.training.delta_s = 1e-4
+  c.training.delta_d = 1e-4
+  c.training.delta_p = 1e-4
+  c.training.lambda_lr = 1e-4
+  c.training.val_steps = 1000
+  c.training.save_steps = 1000
+  c.training.checkpoints_total_limit = 2
+  c.training.num_steps = 20  # Euler steps of the validation sampler
+  c.training.guidance = 4.0
+  c.training.log_steps = 10
+
+  c.inference = ml_collections.ConfigDict()
+  c.inference.num_steps = 20 if c.model.family == "flux1" else 5
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all devices not used by the other axes
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  c.mixed_precision = "bf16"
+  c.report_to = "tensorboard"
+  c.resume = "latest"
+  return c
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks the values that have a closed set of choices or must agree with each other."""
+  def choose(field, value, allowed):
+    if value not in allowed:
+      raise ConfigError(f"{field}={value!r} is not allowed; choose one of {list(allowed)}")
+
+  m = cfg.model
+  choose("compat", cfg.compat, COMPAT_MODES)
+  choose("model.family", m.family, FAMILIES)
+  choose("model.lora.init", m.lora.init, LORA_INITS)
+  choose("model.attention", m.attention, ATTENTION_IMPLS)
+  choose("model.remat_policy", m.remat_policy, REMAT_POLICIES)
+  choose("model.dtype", m.dtype, DTYPES)
+  choose("model.param_dtype", m.param_dtype, DTYPES)
+  if m.hidden_size % m.num_heads:
+    raise ConfigError(f"model.hidden_size={m.hidden_size} is not a multiple of model.num_heads={m.num_heads}")
+  head_dim = m.hidden_size // m.num_heads
+  if sum(m.axes_dim) != head_dim:
+    raise ConfigError(f"model.axes_dim={tuple(m.axes_dim)} must sum to the head dim {head_dim}")
+  if len(m.axes_dim) != (4 if m.family == "flux2" else 3):
+    raise ConfigError(f"model.axes_dim needs {4 if m.family == 'flux2' else 3} axes for family {m.family}")
+  a = m.cot_adapter
+  if a.hidden_size != m.hidden_size:
+    raise ConfigError(f"model.cot_adapter.hidden_size={a.hidden_size} must equal model.hidden_size={m.hidden_size}")
+  if a.hidden_size % a.num_heads or a.hidden_size // a.num_heads != head_dim:
+    raise ConfigError(f"model.cot_adapter.num_heads={a.num_heads} must give the backbone head dim {head_dim}")
+  t = cfg.training
+  n = len(t.iterations)
+  for name in ("patch_sizes", "batch_sizes"):
+    if len(t[name]) != n:
+      raise ConfigError(f"training.{name} has {len(t[name])} entries but training.iterations has {n}")
+  if list(t.iterations) != sorted(t.iterations) or min(t.iterations) <= 0:
+    raise ConfigError(f"training.iterations={tuple(t.iterations)} must be positive and increasing")
+  for p in t.patch_sizes:
+    if p % 16:
+      raise ConfigError(f"training.patch_sizes contains {p}; every patch size must be a multiple of 16")
+  for key in ("data", "fsdp", "tensor"):
+    v = cfg.mesh[key]
+    if not isinstance(v, int) or (v < 1 and v != -1):
+      raise ConfigError(f"mesh.{key}={v!r} must be a positive int or -1")
+  return cfg
+
+
+def _parse_value(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text  # bare strings need no quotes: model.lora.init=upstream
+
+
+def apply_override(cfg: ml_collections.ConfigDict, override: str) -> None:
+  """Applies one `a.b.c=value` override; unknown fields and wrong types name the field."""
+  if "=" not in override:
+    raise ConfigError(f"override {override!r} must look like field.path=value")
+  path, text = override.split("=", 1)
+  path = path.strip()
+  *parents, leaf = path.split(".")
+  node = cfg
+  for i, key in enumerate(parents):
+    if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+      raise ConfigError(f"unknown config field {'.'.join(parents[: i + 1])!r} (in override {override!r})")
+    node = node[key]
+  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+    raise ConfigError(f"unknown config field {path!r}; fields here: {known}")
+  value = _parse_value(text)
+  old = node[leaf]
+  if isinstance(old, (tuple, list)) and isinstance(value, (tuple, list)):
+    value = type(old)(value)
+  elif isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  elif isinstance(old, str) and not isinstance(value, str):
+    value = text
+  try:
+    node[leaf] = value
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config field {path!r} cannot take {text!r}: {e}") from None
+
+
+def load(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Imports `get_config()` from a config file, applies overrides, validates."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} does not exist")
+  spec = importlib.util.spec_from_file_location(f"_cotir_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path!r} defines no get_config()")
+  cfg = module.get_config()
+  for override in overrides:
+    apply_override(cfg, override)
+  return validate(cfg)
+
+
+def parse_cli(argv: Sequence[str] | None = None) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """Reads `--config path` and `--config.a.b=v` from argv; returns (config, other args)."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  path, overrides, rest = None, [], []
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg == "--config":
+      if i + 1 >= len(argv):
+        raise ConfigError("--config needs a path")
+      path, i = argv[i + 1], i + 2
+      continue
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1]
+    elif arg.startswith("--config."):
+      body = arg[len("--config."):]
+      if "=" not in body and i + 1 < len(argv):
+        body, i = f"{body}={argv[i + 1]}", i + 1
+      overrides.append(body)
+    else:
+      rest.append(arg)
+    i += 1
+  if path is None:
+    raise ConfigError("missing --config path/to/config.py")
+  return load(path, overrides), rest

@@ -1,0 +1,195 @@
+"""The FLUX.2-klein and FLUX.1-Kontext transformers (spec §1–§6) as one NNX module.
+
+The two families share the double-stream / single-stream structure and differ in four
+places, each a branch on `spec.family` here: FLUX.2 has no biases, SwiGLU MLPs and three
+modulations shared by all blocks; FLUX.1 has biases, GELU-tanh MLPs, a modulation per block,
+and guidance and pooled-vector embedders. Parameter names follow BFL's (and so upstream
+CoTIR's `lora.pt`): `double_blocks`, `single_blocks.linear1`, `final_layer.adaLN_modulation`…
+
+Blocks are stacked on a `layers` axis and run by `scan_blocks` (see `layers.stack_blocks`).
+The forward is split into stages (`embed`, `run_double`, `run_single`, `project_out`) so
+that `CoTIR` can insert the CoT adapter between the double and the single blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cotir_jax.models.layers import (Dense, LastLayer, MLPEmbedder, Modulation, QKNorm, attention,
+                                     gelu_tanh, modulate, rope_angles, rope_cos_sin, scan_blocks,
+                                     split_heads, stack_blocks, swiglu, timestep_embedding)
+from cotir_jax.models.spec import ModelSpec
+
+
+def _dense(spec: ModelSpec, rngs, i, o, axes, lora=False, **kw):
+  return Dense(i, o, use_bias=spec.use_bias, axes=axes, dtype=spec.dtype,
+               param_dtype=spec.param_dtype, rngs=rngs,
+               lora=spec.lora if lora else None, lora_dtype=spec.trainable_dtype, **kw)
+
+
+class SelfAttention(nnx.Module):
+  def __init__(self, spec: ModelSpec, rngs):
+    h = spec.hidden_size
+    self.qkv = _dense(spec, rngs, h, 3 * h, ("embed", "mlp"))
+    self.norm = QKNorm(spec.head_dim, param_dtype=spec.param_dtype)
+    self.proj = _dense(spec, rngs, h, h, ("mlp", "embed"))
+
+
+class MLP(nnx.Module):
+  """FLUX.2: fc1 → SwiGLU (gate half first) → fc2; FLUX.1: fc1 → GELU-tanh → fc2."""
+
+  def __init__(self, spec: ModelSpec, rngs):
+    self.swiglu = spec.family == "flux2"
+    width = spec.mlp_hidden * (2 if self.swiglu else 1)
+    self.fc1 = _dense(spec, rngs, spec.hidden_size, width, ("embed", "mlp"))
+    self.fc2 = _dense(spec, rngs, spec.mlp_hidden, spec.hidden_size, ("mlp", "embed"))
+
+  def __call__(self, x):
+    h = self.fc1(x)
+    return self.fc2(swiglu(h) if self.swiglu else gelu_tanh(h))
+
+
+class DoubleStreamBlock(nnx.Module):
+  """Separate img / txt weights, joint attention over [txt; img] (spec §3, §4)."""
+
+  def __init__(self, spec: ModelSpec, rngs):
+    self.num_heads, self.attention = spec.num_heads, spec.attention
+    if spec.family == "flux1":
+      mod = dict(double=True, use_bias=True, dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs)
+      self.img_mod = Modulation(spec.hidden_size, **mod)
+      self.txt_mod = Modulation(spec.hidden_size, **mod)
+    else:
+      self.img_mod = self.txt_mod = None
+    self.img_attn = SelfAttention(spec, rngs)
+    self.img_mlp = MLP(spec, rngs)
+    self.txt_attn = SelfAttention(spec, rngs)
+    self.txt_mlp = MLP(spec, rngs)
+
+  def __call__(self, img, txt, vec, mod_img, mod_txt, rope):
+    if self.img_mod is not None:
+      mod_img, mod_txt = self.img_mod(vec), self.txt_mod(vec)
+    qkv = []
+    for x, attn, (sh, sc, _, _, _, _) in ((txt, self.txt_attn, mod_txt), (img, self.img_attn, mod_img)):
+      q, k, v = split_heads(attn.qkv(modulate(x, sh, sc)), 3, self.num_heads)
+      q, k = attn.norm(q, k, v)
+      qkv.append((q, k, v))
+    q, k, v = (jnp.concatenate(t, axis=1) for t in zip(*qkv))
+    a = attention(q, k, v, rope, self.attention)
+    n_txt = txt.shape[1]
+    out = []
+    for x, a_s, attn, mlp, (_, _, g1, sh2, sc2, g2) in (
+        (txt, a[:, :n_txt], self.txt_attn, self.txt_mlp, mod_txt),
+        (img, a[:, n_txt:], self.img_attn, self.img_mlp, mod_img)):
+      x = x + g1[:, None] * attn.proj(a_s)
+      x = x + g2[:, None] * mlp(modulate(x, sh2, sc2))
+      out.append(x)
+    txt, img = out
+    return img, txt
+
+
+class SingleStreamBlock(nnx.Module):
+  """Parallel attention + MLP over [txt; img]: linear1 = [qkv | mlp-in], linear2 = [proj | mlp-out]."""
+
+  def __init__(self, spec: ModelSpec, rngs):
+    h, mh = spec.hidden_size, spec.mlp_hidden
+    self.hidden, self.num_heads, self.attention = h, spec.num_heads, spec.attention
+    self.swiglu = spec.family == "flux2"
+    self.linear1 = _dense(spec, rngs, h, 3 * h + mh * (2 if self.swiglu else 1), ("embed", "mlp"),
+                          lora=True)
+    self.linear2 = _dense(spec, rngs, h + mh, h, ("mlp", "embed"), lora=True)
+    self.norm = QKNorm(spec.head_dim, param_dtype=spec.param_dtype)
+    self.modulation = (Modulation(h, double=False, use_bias=True, dtype=spec.dtype,
+                                  param_dtype=spec.param_dtype, rngs=rngs, lora=spec.lora,
+                                  lora_dtype=spec.trainable_dtype)
+                       if spec.family == "flux1" else None)
+
+  def __call__(self, x, vec, mod, rope):
+    sh, sc, g = self.modulation(vec) if self.modulation is not None else mod
+    h = self.linear1(modulate(x, sh, sc))
+    q, k, v = split_heads(h[..., :3 * self.hidden], 3, self.num_heads)
+    q, k = self.norm(q, k, v)
+    a = attention(q, k, v, rope, self.attention)
+    m = h[..., 3 * self.hidden:]
+    m = swiglu(m) if self.swiglu else gelu_tanh(m)
+    return x + g[:, None] * self.linear2(jnp.concatenate([a, m], axis=-1))
+
+
+@dataclasses.dataclass
+class Streams:
+  """The state passed between forward stages."""
+  img: jax.Array
+  txt: jax.Array
+  vec: jax.Array
+  rope: tuple[jax.Array, jax.Array]  # cos, sin over [txt; img]: [B, L_txt + N_img, head_dim/2]
+  mods: tuple                        # FLUX.2 shared modulations; () for FLUX.1
+
+
+class FluxTransformer(nnx.Module):
+  """FLUX.2-klein (family "flux2") or FLUX.1-Kontext (family "flux1") DiT returning velocity."""
+
+  def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
+    self.spec = spec
+    h, bias = spec.hidden_size, spec.use_bias
+    emb = dict(use_bias=bias, dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs)
+    self.img_in = _dense(spec, rngs, spec.in_channels, h, (None, "embed"))
+    self.txt_in = _dense(spec, rngs, spec.context_in_dim, h, (None, "embed"))
+    self.time_in = MLPEmbedder(256, h, **emb)
+    self.guidance_in = MLPEmbedder(256, h, **emb) if spec.guidance_embed else None
+    self.vector_in = MLPEmbedder(spec.vec_in_dim, h, **emb) if spec.family == "flux1" else None
+    if spec.family == "flux2":
+      mod = dict(use_bias=False, dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs)
+      self.double_stream_modulation_img = Modulation(h, double=True, **mod)
+      self.double_stream_modulation_txt = Modulation(h, double=True, **mod)
+      self.single_stream_modulation = Modulation(h, double=False, **mod)
+    self.double_blocks = stack_blocks(lambda r: DoubleStreamBlock(spec, r), spec.depth, rngs)
+    self.single_blocks = stack_blocks(lambda r: SingleStreamBlock(spec, r),
+                                      spec.depth_single_blocks, rngs)
+    self.final_layer = LastLayer(h, spec.out_channels, use_bias=bias, dtype=spec.dtype,
+                                 param_dtype=spec.param_dtype, rngs=rngs, lora=spec.lora,
+                                 lora_dtype=spec.trainable_dtype)
+
+  def embed(self, img, img_ids, txt, txt_ids, timesteps, vec=None, guidance=None) -> Streams:
+    s = self.spec
+    temb = lambda t: timestep_embedding(t, 256, upstream=s.upstream)
+    v = self.time_in(temb(timesteps))
+    if self.guidance_in is not None:
+      if guidance is None:
+        raise ValueError("this model embeds guidance (model.guidance_embed); pass guidance=[B]")
+      v = v + self.guidance_in(temb(guidance))
+    if self.vector_in is not None:
+      if vec is None:
+        raise ValueError("FLUX.1 needs the pooled CLIP vector: pass vec=[B, model.vec_in_dim]")
+      v = v + self.vector_in(vec)
+    ids = jnp.concatenate([txt_ids, img_ids], axis=1)
+    rope = rope_cos_sin(rope_angles(ids, s.axes_dim, s.theta, upstream=s.upstream))
+    mods = ()
+    if s.family == "flux2":
+      mods = (self.double_stream_modulation_img(v), self.double_stream_modulation_txt(v),
+              self.single_stream_modulation(v))
+    return Streams(img=self.img_in(img), txt=self.txt_in(txt), vec=v, rope=rope, mods=mods)
+
+  def run_double(self, st: Streams) -> Streams:
+    mod_img, mod_txt = st.mods[:2] if st.mods else (None, None)
+    img, txt = scan_blocks(
+        self.double_blocks, (st.img, st.txt),
+        lambda blk, c: blk(c[0], c[1], st.vec, mod_img, mod_txt, st.rope),
+        remat=self.spec.remat, scan=self.spec.scan_layers)
+    return dataclasses.replace(st, img=img, txt=txt)
+
+  def run_single(self, st: Streams) -> jax.Array:
+    """Single blocks over [txt; img] then the final layer on the image tokens."""
+    mod = st.mods[2] if st.mods else None
+    x = jnp.concatenate([st.txt, st.img], axis=1)
+    x = scan_blocks(self.single_blocks, x, lambda blk, c: blk(c, st.vec, mod, st.rope),
+                    remat=self.spec.remat, scan=self.spec.scan_layers)
+    out = self.final_layer(x[:, st.txt.shape[1]:], st.vec)
+    return out.astype(jnp.float32)
+
+  def __call__(self, img, img_ids, txt, txt_ids, timesteps, vec=None, guidance=None) -> jax.Array:
+    """Velocity [B, N_img, out_channels] in float32 for tokens [B, N_img, in_channels]."""
+    return self.run_single(self.run_double(self.embed(img, img_ids, txt, txt_ids, timesteps,
+                                                      vec, guidance)))

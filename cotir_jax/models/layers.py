@@ -1,0 +1,338 @@
+"""Building blocks shared by the FLUX.2 / FLUX.1 backbones, the CoT adapter and the encoders.
+
+Conventions (relied on by the converter tables and the sharding rules):
+- `Dense.kernel` is `[in, out]` (PyTorch's weight transposed), `Dense.bias` is `[out]`.
+- Every parameter carries logical axis names (`out_sharding` metadata, see `sharding.py`):
+  `embed` for the model width, `mlp` for widened / fused projection outputs, `layers` for the
+  stacked-block axis added by `stack_blocks`; small vectors stay unnamed (replicated).
+- Matmuls run in the compute `dtype` with float32 accumulation; norms run in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def param(value: jax.Array, axes: Axes, kind: type[nnx.Variable] = nnx.Param) -> nnx.Variable:
+  """A variable with logical axis names; placement happens later through the rule table."""
+  return kind(value, out_sharding=axes, eager_sharding=False)
+
+
+def torch_uniform(key: jax.Array, shape: Sequence[int], fan_in: int, dtype) -> jax.Array:
+  """PyTorch's default `nn.Linear` init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform a=sqrt(5))."""
+  bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+  return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+
+def matmul(x: jax.Array, w: jax.Array, dtype, precision=None) -> jax.Array:
+  """x @ w in the compute dtype with float32 accumulation; result in the compute dtype."""
+  y = jnp.matmul(x.astype(dtype), w.astype(dtype), precision=precision,
+                 preferred_element_type=jnp.float32)
+  return y.astype(dtype)
+
+
+class LoRA(nnx.Module):
+  """Low-rank update y += scale * (x A + b) B-style, with upstream's bias on B (spec §8).
+
+  `init="zeros"` starts B and its bias at 0 (the model equals the base at step 0);
+  `init="upstream"` uses PyTorch's default Linear init for A, B and B's bias (spec §17.1).
+  """
+
+  def __init__(self, in_features: int, out_features: int, rank: int, *, scale: float,
+               init: str, out_axis: str | None, param_dtype, dtype, rngs: nnx.Rngs):
+    r = min(rank, in_features, out_features)
+    self.rank, self.scale, self.dtype = r, scale, dtype
+    self.a = param(torch_uniform(rngs.params(), (in_features, r), in_features, param_dtype),
+                   (None, None), nnx.LoRAParam)
+    if init == "upstream":
+      b = torch_uniform(rngs.params(), (r, out_features), r, param_dtype)
+      b_bias = torch_uniform(rngs.params(), (out_features,), r, param_dtype)
+    elif init == "zeros":
+      b = jnp.zeros((r, out_features), param_dtype)
+      b_bias = jnp.zeros((out_features,), param_dtype)
+    else:
+      raise ValueError(f"model.lora.init={init!r} is not allowed; choose 'zeros' or 'upstream'")
+    self.b = param(b, (None, out_axis), nnx.LoRAParam)
+    self.b_bias = param(b_bias, (out_axis,), nnx.LoRAParam)
+
+  def __call__(self, x: jax.Array, precision=None) -> jax.Array:
+    """The float32 update scale·(x A B + b), added to the base output before its cast."""
+    h = jnp.matmul(matmul(x, self.a[...], self.dtype, precision), self.b[...].astype(self.dtype),
+                   precision=precision, preferred_element_type=jnp.float32)
+    return self.scale * (h + self.b_bias[...].astype(jnp.float32))
+
+
+class Dense(nnx.Module):
+  """Linear layer `y = x W (+ b)` with PyTorch's init, logical axes and an optional LoRA."""
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool, axes: Axes,
+               dtype, param_dtype, rngs: nnx.Rngs, lora=None, lora_dtype=None, precision=None):
+    self.in_features, self.out_features = in_features, out_features
+    self.dtype, self.precision = dtype, precision
+    self.kernel = param(torch_uniform(rngs.params(), (in_features, out_features), in_features,
+                                      param_dtype), axes)
+    self.bias = (param(torch_uniform(rngs.params(), (out_features,), in_features, param_dtype),
+                       (axes[1],)) if use_bias else None)
+    self.lora = (LoRA(in_features, out_features, lora.rank, scale=lora.scale, init=lora.init,
+                      out_axis=axes[1], param_dtype=lora_dtype or param_dtype, dtype=dtype,
+                      rngs=rngs) if lora is not None else None)
+
+  def __call__(self, x: jax.Array, cols: slice | None = None) -> jax.Array:
+    """y = x W + b; `cols` computes only a slice of the outputs (no LoRA then)."""
+    kernel, bias = self.kernel[...], None if self.bias is None else self.bias[...]
+    if cols is not None:
+      assert self.lora is None, "column slices of a LoRA layer are not supported"
+      kernel, bias = kernel[:, cols], None if bias is None else bias[cols]
+    y = jnp.matmul(x.astype(self.dtype), kernel.astype(self.dtype),
+                   precision=self.precision, preferred_element_type=jnp.float32)
+    if bias is not None:
+      y = y + bias.astype(jnp.float32)
+    if self.lora is not None:
+      y = y + self.lora(x, self.precision)
+    return y.astype(self.dtype)
+
+
+def merge_lora(model: nnx.Module) -> nnx.Module:
+  """Folds every LoRA into its base weights in float32 (W += s·A B, b += s·b_B) and drops it.
+
+  Works on stacked (scanned) layers too: leading axes are batch axes of the product.
+  Bias-free layers get a bias, as upstream's `_merge_lora_into_base` creates one.
+  """
+  for _, module in nnx.iter_graph(model):
+    if isinstance(module, Dense) and module.lora is not None:
+      lora = module.lora
+      a = lora.a[...].astype(jnp.float32)
+      b = lora.b[...].astype(jnp.float32)
+      delta = lora.scale * jnp.einsum("...ir,...ro->...io", a, b)
+      kernel = module.kernel[...]
+      module.kernel[...] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+      b_bias = lora.scale * lora.b_bias[...].astype(jnp.float32)
+      if module.bias is None:
+        axes = module.kernel.get_metadata().get("out_sharding")
+        module.bias = param(b_bias.astype(kernel.dtype), (axes[:-2] + axes[-1:]) if axes else None)
+      else:
+        bias = module.bias[...]
+        module.bias[...] = (bias.astype(jnp.float32) + b_bias).astype(bias.dtype)
+      module.lora = None
+  return model
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """LayerNorm without affine parameters, in float32 (what autocast does); float32 out."""
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+class RMSNorm(nnx.Module):
+  """FLUX QK-norm: x·rsqrt(mean(x²)+eps) in float32, cast back, times a learned scale."""
+
+  def __init__(self, dim: int, *, param_dtype, eps: float = 1e-6):
+    self.eps = eps
+    self.scale = param(jnp.ones((dim,), param_dtype), (None,))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = (x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps))
+    y = y.astype(x.dtype) * self.scale[...].astype(x.dtype)
+    return y
+
+
+class QKNorm(nnx.Module):
+  def __init__(self, dim: int, *, param_dtype):
+    self.query_norm = RMSNorm(dim, param_dtype=param_dtype)
+    self.key_norm = RMSNorm(dim, param_dtype=param_dtype)
+
+  def __call__(self, q, k, v):
+    return self.query_norm(q).astype(v.dtype), self.key_norm(k).astype(v.dtype)
+
+
+def timestep_embedding(t: jax.Array, dim: int = 256, *, max_period: float = 10000.0,
+                       time_factor: float = 1000.0, upstream: bool = False) -> jax.Array:
+  """Sinusoidal embedding of t·1000, cos first (spec §2); float32 out.
+
+  `upstream=True` reproduces spec §12: t in bfloat16, the ×1000 in bfloat16, the
+  embedding rounded to bfloat16.
+  """
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  if upstream:
+    s = (t.astype(jnp.bfloat16) * jnp.bfloat16(time_factor)).astype(jnp.float32)
+  else:
+    s = t.astype(jnp.float32) * time_factor
+  args = s[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if upstream:
+    emb = emb.astype(jnp.bfloat16).astype(jnp.float32)
+  return emb
+
+
+def rope_angles(ids: jax.Array, axes_dim: Sequence[int], theta: float, *,
+                upstream: bool = False) -> jax.Array:
+  """RoPE angles [B, L, head_dim/2] from positions [B, L, n_axes] (EmbedND, spec §2).
+
+  Each axis a contributes d_a/2 frequencies θ^(-2j/d_a), concatenated in axis order.
+  `upstream=True` reproduces CoTIR's bfloat16 positions, frequency grid and angles (§12).
+  """
+  parts = []
+  for i, d in enumerate(axes_dim):
+    pos = ids[..., i]
+    if upstream:
+      pos = pos.astype(jnp.bfloat16).astype(jnp.float32)
+      scale = (jnp.arange(0, d, 2, dtype=jnp.float32) / d).astype(jnp.bfloat16).astype(jnp.float32)
+      omega = (1.0 / theta ** scale).astype(jnp.bfloat16).astype(jnp.float32)
+      angle = (pos[..., None] * omega).astype(jnp.bfloat16)
+    else:
+      omega = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+      angle = pos.astype(jnp.float32)[..., None] * omega
+    parts.append(angle)
+  return jnp.concatenate(parts, axis=-1)
+
+
+def rope_cos_sin(angles: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """cos/sin of the angles in float32; bfloat16 angles (upstream) round cos/sin to bfloat16."""
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  return cos.astype(jnp.float32), sin.astype(jnp.float32)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates interleaved pairs (x[2j], x[2j+1]) of x [B, L, H, D] in float32, cast back."""
+  xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+  x0, x1 = xf[..., 0], xf[..., 1]
+  c, s = cos[:, :, None, :], sin[:, :, None, :]
+  out = jnp.stack([c * x0 - s * x1, s * x0 + c * x1], axis=-1)
+  return out.reshape(x.shape).astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, rope: tuple[jax.Array, jax.Array],
+              implementation: str = "xla") -> jax.Array:
+  """Full bidirectional attention with RoPE on q, k ([B, L, H, D]); returns [B, L, H·D].
+
+  `implementation` is passed to `jax.nn.dot_product_attention` ("xla" everywhere, "cudnn"
+  for the fused GPU kernel); scale 1/sqrt(D), no mask (spec §2).
+  """
+  cos, sin = rope
+  q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+  out = jax.nn.dot_product_attention(q, k, v, implementation=None if implementation == "xla"
+                                     else implementation)
+  return out.reshape(*out.shape[:2], -1)
+
+
+def split_heads(x: jax.Array, parts: int, num_heads: int) -> list[jax.Array]:
+  """Splits a fused "(K H D)" projection [B, L, K·H·D] into K tensors [B, L, H, D]."""
+  b, l, _ = x.shape
+  x = x.reshape(b, l, parts, num_heads, -1)
+  return [x[:, :, i] for i in range(parts)]
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+  return jax.nn.gelu(x, approximate=True)
+
+
+def swiglu(x: jax.Array) -> jax.Array:
+  a, b = jnp.split(x, 2, axis=-1)
+  return jax.nn.silu(a) * b
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  """(1 + scale)·LN(x) + shift with [B, H] modulation broadcast over tokens; float32 out."""
+  return (1.0 + scale[:, None, :].astype(jnp.float32)) * layer_norm(x) + shift[:, None, :].astype(jnp.float32)
+
+
+class Modulation(nnx.Module):
+  """`lin(SiLU(vec))` chunked into 3 (single) or 6 (double) [B, H] vectors: (shift, scale, gate)…"""
+
+  def __init__(self, dim: int, *, double: bool, use_bias: bool, dtype, param_dtype, rngs,
+               lora=None, lora_dtype=None):
+    self.parts = 6 if double else 3
+    self.lin = Dense(dim, self.parts * dim, use_bias=use_bias, axes=("embed", "mlp"), dtype=dtype,
+                     param_dtype=param_dtype, rngs=rngs, lora=lora, lora_dtype=lora_dtype)
+
+  def __call__(self, vec: jax.Array) -> list[jax.Array]:
+    return jnp.split(self.lin(jax.nn.silu(vec)), self.parts, axis=-1)
+
+
+class MLPEmbedder(nnx.Module):
+  """out_layer(SiLU(in_layer(x))): timestep, guidance and pooled-vector embedders."""
+
+  def __init__(self, in_dim: int, hidden: int, *, use_bias: bool, dtype, param_dtype, rngs):
+    self.in_layer = Dense(in_dim, hidden, use_bias=use_bias, axes=(None, "embed"), dtype=dtype,
+                          param_dtype=param_dtype, rngs=rngs)
+    self.out_layer = Dense(hidden, hidden, use_bias=use_bias, axes=("mlp", "embed"), dtype=dtype,
+                           param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out_layer(jax.nn.silu(self.in_layer(x)))
+
+
+class LastLayer(nnx.Module):
+  """(shift, scale) = adaLN(SiLU(vec)) — shift first — then linear((1+scale)·LN(x)+shift)."""
+
+  def __init__(self, hidden: int, out: int, *, use_bias: bool, dtype, param_dtype, rngs,
+               lora=None, lora_dtype=None):
+    self.adaLN_modulation = Dense(hidden, 2 * hidden, use_bias=use_bias, axes=("embed", "mlp"),
+                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs, lora=lora,
+                                  lora_dtype=lora_dtype)
+    self.linear = Dense(hidden, out, use_bias=use_bias, axes=("embed", "mlp"), dtype=dtype,
+                        param_dtype=param_dtype, rngs=rngs, lora=lora, lora_dtype=lora_dtype)
+
+  def __call__(self, x, vec):
+    shift, scale = jnp.split(self.adaLN_modulation(jax.nn.silu(vec)), 2, axis=-1)
+    return self.linear(modulate(x, shift, scale))
+
+
+def stack_blocks(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
+  """Builds n identical blocks whose parameters are stacked on a leading `layers` axis.
+
+  Why stacked: one traced block body is reused by `scan_blocks`, so compile time and the
+  HLO size stay flat with depth (5–38 blocks here), remat applies per block, and the layer
+  axis is a plain array axis for sharding rules and checkpoint conversion (layer i of the
+  diffusers checkpoint is slice i).
+  """
+  @nnx.split_rngs(splits=n)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def build(r):
+    return make(r)
+  return build(rngs)
+
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def scan_blocks(blocks: nnx.Module, carry, fn: Callable, *, remat: str = "none",
+                scan: bool = True):
+  """Runs `carry = fn(block_i, carry)` over stacked blocks with `jax.lax.scan`.
+
+  `remat` ("none" | "full" | "dots") rematerialises each block in the backward pass, so
+  activation memory is one block's worth instead of depth × block. `scan=False` unrolls
+  (same parameters, same result) for debugging and profiling.
+  """
+  graphdef, state = nnx.split(blocks)
+
+  def body(c, block_state):
+    return fn(nnx.merge(graphdef, block_state), c), None
+
+  if remat != "none":
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
+  if scan:
+    carry, _ = jax.lax.scan(body, carry, state)
+    return carry
+  n = jax.tree.leaves(state)[0].shape[0]
+  for i in range(n):
+    carry, _ = body(carry, jax.tree.map(lambda x: x[i], state))
+  return carry
+
+
+def dtype_of(name: str):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]

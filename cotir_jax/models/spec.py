@@ -1,0 +1,76 @@
+"""The resolved, hashable view of `config.model` that module constructors read."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from cotir_jax.models.layers import dtype_of
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASpec:
+  rank: int
+  scale: float
+  init: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  family: str              # "flux2" (klein) or "flux1" (Kontext)
+  in_channels: int
+  out_channels: int
+  hidden_size: int
+  num_heads: int
+  depth: int
+  depth_single_blocks: int
+  mlp_ratio: float
+  axes_dim: tuple[int, ...]
+  theta: float
+  context_in_dim: int
+  vec_in_dim: int
+  guidance_embed: bool
+  adapter_depth: int
+  adapter_mlp_ratio: float
+  adapter_out_channels: int
+  lora: LoRASpec | None
+  dtype: object
+  param_dtype: object
+  trainable_dtype: object  # LoRA + adapter: float32 masters, bfloat16 under compat="upstream"
+  upstream: bool           # compat="upstream": bf16 ids / RoPE / timesteps (spec §12)
+  attention: str
+  remat: str
+  scan_layers: bool
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def mlp_hidden(self) -> int:
+    return int(self.hidden_size * self.mlp_ratio)
+
+  @property
+  def use_bias(self) -> bool:
+    return self.family == "flux1"
+
+  @classmethod
+  def from_config(cls, m) -> "ModelSpec":
+    upstream = m.get("compat", "default") == "upstream"
+    lora = m.lora
+    return cls(
+        family=m.family, in_channels=m.in_channels, out_channels=m.get("out_channels") or m.in_channels,
+        hidden_size=m.hidden_size, num_heads=m.num_heads, depth=m.depth,
+        depth_single_blocks=m.depth_single_blocks, mlp_ratio=float(m.mlp_ratio),
+        axes_dim=tuple(m.axes_dim), theta=float(m.theta), context_in_dim=m.context_in_dim,
+        vec_in_dim=m.vec_in_dim, guidance_embed=bool(m.guidance_embed),
+        adapter_depth=m.cot_adapter.depth, adapter_mlp_ratio=float(m.cot_adapter.mlp_ratio),
+        adapter_out_channels=m.cot_adapter.out_channels,
+        lora=LoRASpec(lora.rank, float(lora.scale), lora.init) if lora.enabled else None,
+        dtype=dtype_of(m.dtype), param_dtype=dtype_of(m.param_dtype),
+        trainable_dtype=jnp.bfloat16 if upstream else jnp.float32, upstream=upstream,
+        attention=m.attention, remat=m.remat_policy, scan_layers=bool(m.scan_layers))
+
+  def replace(self, **kw) -> "ModelSpec":
+    return dataclasses.replace(self, **kw)
