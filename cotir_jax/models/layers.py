@@ -116,7 +116,7 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
       b_bias = lora.scale * lora.b_bias[...].astype(jnp.float32)
       if module.bias is None:
         axes = module.kernel.get_metadata().get("out_sharding")
-        module.bias = param(b_bias.astype(kernel.dtype), (axes[:-2] + axes[-1:]) if axes else None)
+        module.bias = nnx.data(param(b_bias.astype(kernel.dtype), (axes[:-2] + axes[-1:]) if axes else None))
       else:
         bias = module.bias[...]
         module.bias[...] = (bias.astype(jnp.float32) + b_bias).astype(bias.dtype)
