@@ -1,0 +1,136 @@
+"""Turning one raw CoTIR-Bench record into a training example (spec §14.1, §14.4), or a counted skip.
+
+Every failure mode of issue 5 item 6 maps to one `SkipSample.reason`, so the loop can count and log
+it with shard and key instead of crashing (or, as upstream does, silently dropping a type's turn).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from cotir_jax.data import prompts as P
+
+REASONS = ("truncated_tar", "missing_member", "corrupt_png", "not_rgb", "size_mismatch",
+           "invalid_json", "missing_cot_fields", "missing_prompt_file", "empty_prompt_file")
+TEXT_FIELDS = ("gen", "spe", "ans_s", "ans_d", "ans_p")
+
+
+@dataclasses.dataclass(frozen=True)
+class RawRecord:
+  """Undecoded bytes of one sample as stored; identical from the tar index and the ArrayRecord build.
+
+  `hq`/`lq`/`meta` are None when the member is absent; `truncated` when the tar ends inside it.
+  """
+  deg_type: str       # shard folder name
+  shard: str          # '<deg_type>/<file>.tar', relative to the image root
+  key: str
+  hq: bytes | None
+  lq: bytes | None
+  meta: bytes | None
+  truncated: bool = False
+
+
+class SkipSample(Exception):
+  def __init__(self, reason: str, detail: str):
+    assert reason in REASONS, reason
+    super().__init__(f"{reason}: {detail}")
+    self.reason = reason
+    self.detail = detail
+
+
+def decode_png(data: bytes, what: str) -> np.ndarray:
+  """uint8 HWC RGB; grayscale/RGBA/palette PNGs are skipped ('not_rgb') rather than converted."""
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      img = Image.open(io.BytesIO(data))
+      img.load()
+  except Exception as e:  # PIL raises OSError/SyntaxError/ValueError/... for broken files
+    raise SkipSample("corrupt_png", f"{what}: {type(e).__name__}: {e}") from None
+  if img.mode != "RGB":
+    raise SkipSample("not_rgb", f"{what} has mode {img.mode}")
+  return np.asarray(img)
+
+
+def _axis_weights(n_in: int, n_out: int):
+  """Source indices/weights of torch bilinear, align_corners=False (half-pixel, clamp < 0, no antialias)."""
+  scale = np.float32(n_in / n_out)
+  src = (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+  src = np.maximum(src, np.float32(0.0))
+  i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+  i1 = np.minimum(i0 + 1, n_in - 1)
+  lam = (src - i0.astype(np.float32)).astype(np.float32)
+  return i0, i1, lam
+
+
+def resize_bilinear(x: np.ndarray, size: int) -> np.ndarray:
+  """HWC float32 -> [size, size, C], what F.interpolate(mode='bilinear', align_corners=False) computes."""
+  h, w = x.shape[:2]
+  if (h, w) == (size, size):
+    return x
+  i0, i1, ly = _axis_weights(h, size)
+  ly = ly[:, None, None]
+  x = x[i0] * (1 - ly) + x[i1] * ly
+  j0, j1, lx = _axis_weights(w, size)
+  lx = lx[None, :, None]
+  return (x[:, j0] * (1 - lx) + x[:, j1] * lx).astype(np.float32)
+
+
+def to_float(img: np.ndarray) -> np.ndarray:
+  """uint8 -> float32 in [-1, 1], the same expression upstream uses."""
+  return img.astype(np.float32) / 127.5 - 1
+
+
+def parse_meta(raw: bytes):
+  try:
+    meta = json.loads(raw.decode("utf-8"))
+  except Exception as e:
+    raise SkipSample("invalid_json", f"{type(e).__name__}: {e}") from None
+  if not isinstance(meta, dict):
+    raise SkipSample("invalid_json", f"top level is {type(meta).__name__}, not an object")
+  cot = meta.get("cot")
+  if not isinstance(cot, dict) or not isinstance(cot.get("answers"), str):
+    raise SkipSample("missing_cot_fields", "meta.json lacks cot.answers (string)")
+  questions = cot.get("questions") or []
+  if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
+    raise SkipSample("missing_cot_fields", "cot.questions is not a list of strings")
+  return meta, cot, questions
+
+
+def process_record(rec: RawRecord, *, patch_size: int, bank: P.PromptBank, rng: np.random.Generator,
+                   label_from_folder: bool) -> dict:
+  """Raw record -> {'hq','lq' [P,P,3] float32, texts, 'deg'}; raises SkipSample.
+
+  label_from_folder mirrors upstream `return_deg_type`: True takes the label from the shard folder,
+  False from meta.json (`deg`, then `degradation`, then `degradation_type`).
+  """
+  if rec.truncated:
+    raise SkipSample("truncated_tar", "the tar ends inside a member of this sample")
+  missing = [n for n, v in (("hq.png", rec.hq), ("lq.png", rec.lq), ("meta.json", rec.meta)) if v is None]
+  if missing:
+    raise SkipSample("missing_member", f"no {', '.join(missing)}")
+  meta, cot, questions = parse_meta(rec.meta)
+  hq = decode_png(rec.hq, "hq.png")
+  lq = decode_png(rec.lq, "lq.png")
+  if hq.shape != lq.shape:
+    raise SkipSample("size_mismatch", f"hq {hq.shape[:2]} vs lq {lq.shape[:2]}")
+  label_raw = rec.deg_type if label_from_folder else (
+      meta.get("deg") or meta.get("degradation") or meta.get("degradation_type"))
+  label_raw = str(label_raw) if label_raw else None
+  label = P.normalize_deg(label_raw)
+  try:
+    gen, spe = P.pick_prompts(bank, questions, label, label_raw, meta.get("jpeg_type"), rng)
+  except P.PromptError as e:
+    raise SkipSample(e.reason, str(e)) from None
+  ans_s, ans_d, ans_p = P.parse_answer(cot["answers"])
+  return {
+      "hq": resize_bilinear(to_float(hq), patch_size),
+      "lq": resize_bilinear(to_float(lq), patch_size),
+      "gen": gen, "spe": spe, "ans_s": ans_s, "ans_d": ans_d, "ans_p": ans_p, "deg": label,
+  }

@@ -1,0 +1,316 @@
+"""The training input pipeline: source -> ordered positions -> per-sample rules -> skip accounting -> batches.
+
+The training loop builds one iterator per stage:
+
+    it = make_iterator(cfg, stage, tokenizers={'qwen': tok}, state=saved_or_None)
+    batch = next(it)                 # {'hq','lq': [B,P,P,3] f32, '<field>_<tok>_ids'/'_mask': [B,L] i32,
+    meta = batch.pop('meta')         #  'meta': strings and positions for logging/validation}
+    state = it.get_state()           # JSON-able dict; save it with the checkpoint
+    it.skip_counts                   # {reason: count}, cumulative over the run
+
+Resuming and changing stage both go through `state`: it holds the process-local stream position
+after the last delivered batch plus the skip counters, and every sample is a pure function of
+(seed, global position) -- the patch size only changes the resize -- so an iterator built for any
+stage from a state continues the stream exactly. Without a state, `start_position(cfg, step)` gives
+the position of an unskipped run (exact only when no sample was skipped before `step`).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import grain
+import numpy as np
+
+from cotir_jax.data import prompts as P
+from cotir_jax.data.decode import REASONS, TEXT_FIELDS, RawRecord, SkipSample, process_record
+from cotir_jax.data.mixing import StreamOrder
+from cotir_jax.data.sources import TarSource, resolve_layout
+
+log = logging.getLogger(__name__)
+
+ALL_REASONS = REASONS + ("read_error",)
+STATE_VERSION = 1
+Tokenizer = Callable[[list], Mapping[str, np.ndarray]]
+
+
+class SkipFractionError(RuntimeError):
+  """More samples were skipped than data.max_skip_fraction allows: the dataset needs fixing."""
+
+
+def _get(cfg, path: str, default):
+  node = cfg
+  for part in path.split("."):
+    if node is None or part not in node:
+      return default
+    node = node[part]
+  return default if node is None else node
+
+
+def data_dir(cfg) -> Path:
+  """data.data_dir; a relative path missing from the cwd is taken from the repository (as config.load does)."""
+  d = Path(cfg.data.data_dir).expanduser()
+  if not d.exists() and not d.is_absolute():
+    repo = Path(__file__).resolve().parents[2] / d
+    if repo.exists():
+      return repo
+  return d
+
+
+def make_source(cfg):
+  """TarSource over data.data_dir, or the ArrayRecord build when data.source == 'array_record'."""
+  kind = _get(cfg, "data.source", "tar")
+  if kind == "tar":
+    root, _ = resolve_layout(data_dir(cfg))
+    return TarSource(root, cache_dir=_get(cfg, "data.index_cache_dir", "default"))
+  if kind == "array_record":
+    from cotir_jax.data.tfds_builder import ArrayRecordSource
+    return ArrayRecordSource(_get(cfg, "data.tfds_data_dir", None) or data_dir(cfg))
+  raise ValueError(f"data.source={kind!r}; allowed: 'tar', 'array_record'")
+
+
+def make_prompt_bank(cfg) -> P.PromptBank:
+  """Prompt files found from data.data_dir as upstream does; a layout without gen_prompt.txt is a config error."""
+  _, root = resolve_layout(data_dir(cfg))
+  if root is None:
+    raise FileNotFoundError(f"no gen_prompt.txt found from data.data_dir={cfg.data.data_dir!r} (spec §14.2)")
+  bank = P.PromptBank(root, P.special_dir_for(root), _get(cfg, "data.missing_prompt", "skip"))
+  if not bank.generic:
+    raise ValueError(f"{root / 'gen_prompt.txt'} has no prompts")
+  return bank
+
+
+def mixing_seed(cfg) -> int:
+  s = _get(cfg, "data.balanced_seed", None)
+  return int(cfg.seed if s is None else s)
+
+
+class SampleFn:
+  """Local position q -> example dict or skip marker; picklable (runs in grain workers)."""
+
+  def __init__(self, source, order: StreamOrder, bank: P.PromptBank, *, patch_size: int, seed: int,
+               label_from_folder: bool, tokenizers: Mapping[str, Tokenizer], process_index: int,
+               process_count: int):
+    self.source, self.order, self.bank = source, order, bank
+    self.patch_size, self.seed = int(patch_size), int(seed)
+    self.label_from_folder = label_from_folder
+    self.tokenizers = dict(tokenizers)
+    self.pi, self.pc = process_index, process_count
+
+  def global_position(self, q: int) -> int:
+    return q * self.pc + self.pi
+
+  def __call__(self, q: int) -> dict:
+    k = self.global_position(q)
+    idx = self.order.record_at(k)
+    ident = {"position": q, "global_position": k, "record": idx}
+    try:
+      rec: RawRecord = self.source[idx]
+    except Exception as e:  # I/O failure on a shard: skip, never crash
+      return {"_skip": "read_error", "detail": f"{type(e).__name__}: {e}", "key": "?", "shard": "?", **ident}
+    rng = np.random.default_rng(np.random.SeedSequence([self.seed & 0xFFFFFFFF, k, 0x7072]))
+    try:
+      ex = process_record(rec, patch_size=self.patch_size, bank=self.bank, rng=rng,
+                          label_from_folder=self.label_from_folder)
+    except SkipSample as e:
+      return {"_skip": e.reason, "detail": e.detail, "key": rec.key, "shard": rec.shard, **ident}
+    texts = [ex[t] for t in TEXT_FIELDS]
+    for name, tok in self.tokenizers.items():
+      out = tok(texts)
+      ids, mask = np.asarray(out["ids"], np.int32), np.asarray(out["mask"], np.int32)
+      for i, t in enumerate(TEXT_FIELDS):
+        ex[f"{t}_{name}_ids"] = ids[i]
+        ex[f"{t}_{name}_mask"] = mask[i]
+    ex.update(key=rec.key, shard=rec.shard, deg_type=rec.deg_type, **ident)
+    return ex
+
+
+class _PositionStream(grain.MapDataset):
+  """MapDataset: element i is fn(start + i); infinite unless `end` is given."""
+
+  def __init__(self, start: int, fn: SampleFn, end: int | None = None):
+    super().__init__()
+    self._start, self._fn = int(start), fn
+    self._end = sys.maxsize if end is None else int(end)
+
+  def __len__(self) -> int:
+    return max(0, self._end - self._start)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._fn(self._start + int(index))
+
+  def __str__(self) -> str:
+    return f"_PositionStream(start={self._start})"
+
+
+_META_FIELDS = ("key", "shard", "deg_type", "deg") + TEXT_FIELDS
+
+
+class CotirIterator:
+  """Batches of good samples; counts and logs skips; raises SkipFractionError over the threshold."""
+
+  def __init__(self, fn: SampleFn, *, batch_size: int, start_position: int = 0, num_workers: int = 0,
+               read_threads: int = 2, max_skip_fraction: float = 0.01, skip_check_min_samples: int = 500,
+               counts: Mapping[str, int] | None = None, examined: int = 0, end_position: int | None = None):
+    """end_position: stop (StopIteration, partial batch dropped) there; None = infinite training stream."""
+    self.fn = fn
+    self.batch_size = int(batch_size)
+    self.next_position = int(start_position)
+    self.max_skip_fraction = float(max_skip_fraction)
+    self.skip_check_min_samples = int(skip_check_min_samples)
+    self.skip_counts = collections.Counter({r: 0 for r in ALL_REASONS})
+    self.skip_counts.update(dict(counts or {}))
+    self.examined = int(examined)
+    self.recent_skips: collections.deque = collections.deque(maxlen=32)
+    ds = _PositionStream(self.next_position, fn, end_position).to_iter_dataset(
+        grain.ReadOptions(num_threads=max(1, int(read_threads)),
+                          prefetch_buffer_size=max(1, 2 * self.batch_size)))
+    if num_workers > 0:
+      from absl import flags  # grain's workers read absl flags; a loop without absl.app has none parsed
+      if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(num_workers), per_worker_buffer_size=2))
+    self._ds = ds
+    self._it = None
+
+  @property
+  def skipped(self) -> int:
+    return sum(self.skip_counts.values())
+
+  def __iter__(self):
+    return self
+
+  def _record_skip(self, el: dict) -> None:
+    self.skip_counts[el["_skip"]] += 1
+    self.recent_skips.append({k: el[k] for k in ("_skip", "detail", "shard", "key", "position")})
+    log.warning("data: skipped sample shard=%s key=%s position=%d reason=%s (%s)",
+                el["shard"], el["key"], el["global_position"], el["_skip"], el["detail"])
+    if self.examined >= self.skip_check_min_samples and self.skipped > self.max_skip_fraction * self.examined:
+      self._raise_fraction()
+
+  def _raise_fraction(self):
+    per = ", ".join(f"{r}={n}" for r, n in self.skip_counts.items() if n)
+    last = "; ".join(f"{s['shard']}:{s['key']} {s['_skip']}" for s in list(self.recent_skips)[-5:])
+    raise SkipFractionError(
+        f"data: {self.skipped} of {self.examined} samples skipped "
+        f"({100 * self.skipped / self.examined:.2f}% > data.max_skip_fraction="
+        f"{100 * self.max_skip_fraction:.2f}%); by reason: {per}; last skipped: {last}. "
+        f"Fix or remove the bad shards (or raise data.max_skip_fraction).")
+
+  def __next__(self) -> dict:
+    if self._it is None:
+      self._it = iter(self._ds)
+    good = []
+    while len(good) < self.batch_size:
+      el = next(self._it)
+      self.examined += 1
+      self.next_position = el["position"] + 1
+      if "_skip" in el:
+        self._record_skip(el)
+      else:
+        good.append(el)
+    if self.examined >= self.skip_check_min_samples and self.skipped > self.max_skip_fraction * self.examined:
+      self._raise_fraction()
+    batch = {k: np.stack([e[k] for e in good]) for k in good[0]
+             if k not in _META_FIELDS and k not in ("position", "global_position", "record")}
+    meta = {k: [e[k] for e in good] for k in _META_FIELDS}
+    for k in ("position", "global_position", "record"):
+      meta[k] = np.array([e[k] for e in good], np.int64)
+    batch["meta"] = meta
+    return batch
+
+  def get_state(self) -> dict:
+    """JSON-able; restores with make_iterator(cfg, any_stage, state=...)."""
+    return {
+        "version": STATE_VERSION,
+        "next_position": self.next_position,
+        "examined": self.examined,
+        "skip_counts": {r: int(n) for r, n in self.skip_counts.items() if n},
+        "seed": self.fn.seed,
+        "mixing": self.fn.order.mixing,
+        "mixing_seed": self.fn.order.seed,
+        "num_records": len(self.fn.source),
+        "process_index": self.fn.pi,
+        "process_count": self.fn.pc,
+    }
+
+  def close(self):
+    it, self._it = self._it, None
+    if it is not None and hasattr(it, "close"):
+      it.close()
+
+
+def stage_of_step(cfg, step: int) -> int:
+  """Index of the progressive stage a global step falls in (training.iterations are stage ends)."""
+  for s, end in enumerate(cfg.training.iterations):
+    if step < end:
+      return s
+  return len(cfg.training.iterations) - 1
+
+
+def per_process_batch(cfg, stage: int, process_count: int) -> int:
+  """training.batch_sizes are global (design decision 6): per-process = global / processes."""
+  g = int(cfg.training.batch_sizes[stage])
+  if g % process_count:
+    raise ValueError(f"training.batch_sizes[{stage}]={g} is not divisible by {process_count} processes")
+  return g // process_count
+
+
+def start_position(cfg, step: int, process_count: int = 1) -> int:
+  """Process-local position after `step` steps of an unskipped run (use a saved state when you have one)."""
+  pos, prev = 0, 0
+  for s, end in enumerate(cfg.training.iterations):
+    n = max(0, min(step, end) - prev)
+    pos += n * per_process_batch(cfg, s, process_count)
+    prev = end
+    if step <= end:
+      break
+  return pos
+
+
+def make_iterator(cfg, stage: int, *, tokenizers: Mapping[str, Tokenizer] | None = None,
+                  state: Mapping | None = None, source=None, bank: P.PromptBank | None = None,
+                  process_index: int | None = None, process_count: int | None = None,
+                  batch_size: int | None = None, patch_size: int | None = None,
+                  num_workers: int | None = None, end_position: int | None = None) -> CotirIterator:
+  """The iterator for progressive stage `stage` (patch/batch from training.*), continuing `state` if given.
+
+  process_index/count default to jax.process_index()/process_count(); batch_size defaults to this
+  process's share of the stage's global batch; num_workers to data.num_workers (grain processes).
+  """
+  if process_index is None or process_count is None:
+    import jax
+    process_index, process_count = jax.process_index(), jax.process_count()
+  source = source if source is not None else make_source(cfg)
+  bank = bank if bank is not None else make_prompt_bank(cfg)
+  mix = _get(cfg, "data.mixing", "balanced")
+  order = StreamOrder(source.type_ranges, mix, mixing_seed(cfg),
+                      shuffle_types=bool(_get(cfg, "data.balanced_shuffle", True)))
+  seed = int(cfg.seed)
+  start, counts, examined = 0, None, 0
+  if state is not None:
+    if state.get("version") != STATE_VERSION:
+      raise ValueError(f"data iterator state version {state.get('version')} != {STATE_VERSION}")
+    for k, want in (("seed", seed), ("mixing", mix), ("mixing_seed", order.seed), ("num_records", len(source)),
+                    ("process_index", process_index), ("process_count", process_count)):
+      if state.get(k) != want:
+        raise ValueError(f"data iterator state has {k}={state.get(k)!r} but this run has {want!r}; "
+                         "the stream would not continue exactly")
+    start, counts, examined = state["next_position"], state.get("skip_counts"), state.get("examined", 0)
+  fn = SampleFn(source, order, bank,
+                patch_size=patch_size or int(cfg.training.patch_sizes[stage]),
+                seed=seed, label_from_folder=bool(_get(cfg, "data.return_deg_type", False)),
+                tokenizers=tokenizers or {}, process_index=process_index, process_count=process_count)
+  return CotirIterator(
+      fn, batch_size=batch_size or per_process_batch(cfg, stage, process_count), start_position=start,
+      num_workers=int(_get(cfg, "data.num_workers", 0) if num_workers is None else num_workers),
+      read_threads=int(_get(cfg, "data.read_threads", 2)),
+      max_skip_fraction=float(_get(cfg, "data.max_skip_fraction", 0.01)),
+      skip_check_min_samples=int(_get(cfg, "data.skip_check_min_samples", 500)),
+      counts=counts, examined=examined, end_position=end_position)

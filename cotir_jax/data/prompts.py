@@ -1,0 +1,175 @@
+"""Upstream's per-sample text rules (spec §14.1-14.3): answer parsing, label normalisation, prompt picking.
+
+Randomness comes from a numpy Generator the caller seeds per sample, so a prompt draw is a pure
+function of (seed, stream position) instead of upstream's per-worker global `random` state.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+GEN_WEIGHTS = (0.8, 0.2)          # (random generic line, first question)
+SPE_WEIGHTS = (0.3, 0.7)          # (question, special prompt)
+LOST_COLOR_SPE_WEIGHTS = (0.8, 0.2)
+
+
+class PromptError(Exception):
+  """A prompt file a sample needs is missing or empty; `reason` is the skip-counter name."""
+
+  def __init__(self, reason: str, message: str):
+    super().__init__(message)
+    self.reason = reason
+
+
+def normalize_deg(value: str | None) -> str:
+  """strip, lower-case, runs outside [a-z0-9._-] -> '_'; empty -> 'unknown' (upstream `normalize_deg`)."""
+  if not value:
+    return "unknown"
+  out = re.sub(r"[^a-z0-9._-]+", "_", value.strip().lower())
+  return out or "unknown"
+
+
+def _between(text: str, start: str, end: str) -> str:
+  i = text.find(start)
+  if i == -1:
+    return ""
+  i += len(start)
+  j = text.find(end, i)
+  return (text[i:] if j == -1 else text[i:j]).strip()
+
+
+def parse_answer(text: str) -> tuple[str, str, str]:
+  """(scene, degradation, plan) by case-sensitive marker search; the final 'answer:' part is unused."""
+  return (_between(text, "scene description:", "degradation description:"),
+          _between(text, "degradation description:", "enhancement plan:"),
+          _between(text, "enhancement plan:", "answer:"))
+
+
+def weighted_pick(options: Sequence[tuple[str | None, float]], rng: np.random.Generator) -> str:
+  """Drop empty options, r = U * sum(w), first option whose cumulative weight >= r."""
+  kept = [(t, w) for t, w in options if t and w > 0]
+  if not kept:
+    return ""
+  total = sum(w for _, w in kept)
+  r = rng.random() * total
+  acc = 0.0
+  for text, w in kept:
+    acc += w
+    if r <= acc:
+      return text
+  return kept[-1][0]
+
+
+def _read_lines(path: Path) -> list[str]:
+  return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+def _has_gen(p: Path) -> bool:
+  return p.is_dir() and (p / "gen_prompt.txt").exists()
+
+
+def detect_prompt_root(candidate: str | Path) -> Path | None:
+  """First of candidate, candidate/prompts, candidate/spe_prompt, 3 ancestors (and their prompts/) with gen_prompt.txt."""
+  c = Path(candidate).expanduser()
+  if not c.exists():
+    return None
+  order = [c]
+  if c.is_dir():
+    order += [c / "prompts", c / "spe_prompt"]
+  for anc in list(c.parents)[:3]:
+    order += [anc, anc / "prompts"]
+  for p in order:
+    if _has_gen(p):
+      return p
+  return None
+
+
+def special_dir_for(root: Path) -> Path | None:
+  """root/spe_prompt, root/prompts, root (if named prompts/spe_prompt), root/../spe_prompt, root/../prompts."""
+  order = [root / "spe_prompt", root / "prompts"]
+  if root.name in ("prompts", "spe_prompt"):
+    order.append(root)
+  if root.parent != root:
+    order += [root.parent / "spe_prompt", root.parent / "prompts"]
+  for p in order:
+    if p.is_dir():
+      return p
+  return None
+
+
+class PromptBank:
+  """Generic, per-label and jpeg-type prompt lines, read lazily and cached (picklable for workers).
+
+  missing_prompt='skip' follows issue 5: a known label whose file is missing/empty raises PromptError
+  (the sample is skipped and counted). 'fallback' uses upstream's sentence "Please correct <label> issues.".
+  """
+
+  def __init__(self, root: Path, special_dir: Path | None, missing_prompt: str = "skip"):
+    if missing_prompt not in ("skip", "fallback"):
+      raise ValueError(f"data.missing_prompt={missing_prompt!r}; allowed: 'skip', 'fallback'")
+    self.root = Path(root)
+    self.special_dir = special_dir
+    self.missing_prompt = missing_prompt
+    gen_file = self.root / "gen_prompt.txt"
+    self.generic = _read_lines(gen_file) if gen_file.exists() else []
+    self._special: dict[str, list[str] | PromptError] = {}
+    self._jpeg: dict[str, list[str]] = {}
+
+  def sample_generic(self, rng: np.random.Generator) -> str:
+    return self.generic[rng.integers(len(self.generic))] if self.generic else ""
+
+  def special_lines(self, label: str) -> list[str]:
+    """Lines of spe_prompt/<label>.txt; raises PromptError for a known label without usable lines."""
+    if label not in self._special:
+      lines: list[str] | PromptError = []
+      f = self.special_dir / f"{label}.txt" if self.special_dir else None
+      if f is not None and f.exists():
+        lines = _read_lines(f)
+        if not lines and label != "unknown":
+          lines = PromptError("empty_prompt_file", f"special prompt file {f} is empty for '{label}'")
+      elif label != "unknown":
+        lines = PromptError("missing_prompt_file",
+                            f"special prompt file not found for degradation '{label}': {f}")
+      self._special[label] = lines
+    got = self._special[label]
+    if isinstance(got, PromptError):
+      if self.missing_prompt == "skip":
+        raise got
+      return []
+    return got
+
+  def sample_special(self, label: str, rng: np.random.Generator) -> str | None:
+    lines = self.special_lines(label)
+    if lines:
+      return lines[rng.integers(len(lines))]
+    if label != "unknown":
+      return f"Please correct {label.replace('_', ' ').replace('-', ' ')} issues."
+    return None
+
+  def sample_jpeg(self, jpeg_type: str, rng: np.random.Generator) -> str | None:
+    if jpeg_type not in self._jpeg:
+      f = self.special_dir / f"{jpeg_type}.txt" if self.special_dir else None
+      self._jpeg[jpeg_type] = _read_lines(f) if f is not None and f.exists() else []
+    lines = self._jpeg[jpeg_type]
+    return lines[rng.integers(len(lines))] if lines else None
+
+
+def pick_prompts(bank: PromptBank, questions: Sequence[str], label: str, label_raw: str | None,
+                 jpeg_type, rng: np.random.Generator) -> tuple[str, str]:
+  """(prompt_gen, prompt_spe) exactly as upstream `decode_sample`, same order of random draws."""
+  generic = bank.sample_generic(rng)
+  first_q = questions[0] if questions else None
+  prompt_gen = weighted_pick([(generic, GEN_WEIGHTS[0]), (first_q, GEN_WEIGHTS[1])], rng)
+  special = bank.sample_special(label, rng)
+  if jpeg_type and ("jpeg_compression" in label or "jpeg compression" in (label_raw or "").lower()):
+    jp = bank.sample_jpeg(str(jpeg_type), rng)
+    if jp:
+      special = jp
+  wq, ws = LOST_COLOR_SPE_WEIGHTS if "lost_color" in label else SPE_WEIGHTS
+  q = questions[1] if len(questions) > 1 else first_q
+  prompt_spe = weighted_pick([(q, wq), (special, ws)], rng)
+  return prompt_gen, prompt_spe
