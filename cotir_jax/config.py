@@ -12,6 +12,7 @@ Command lines everywhere use the same syntax: `--config path/to/file.py --config
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -27,10 +28,47 @@ ATTENTION_IMPLS = ("xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16")
 MIXING = ("balanced", "shuffle")
+DATA_SOURCES = ("tar", "array_record")
+MISSING_PROMPT = ("skip", "fallback")
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Path fields resolved against the repository when they do not exist relative to the cwd.
+PATH_FIELDS = ("data.data_dir", "model.tokenizer", "model.tokenizer_2", "model.pretrained")
 
 
 class ConfigError(ValueError):
   """A config value or override is invalid; the message names the field."""
+
+
+def use_encoders(model: ml_collections.ConfigDict, family: str, size: str) -> None:
+  """Sets `model.vae`, `model.text_encoder` (and FLUX.1's `model.clip`), replacing old ones.
+
+  size: "4b" / "8b" (Qwen3 width of FLUX.2-klein-4B / 9B), "full" (FLUX.1: T5-XXL, CLIP-L) or
+  "tiny" (random-weight CPU models).
+  """
+  for key, value in encoder_configs(family, size).items():
+    model[key] = value
+
+
+def encoder_configs(family: str, size: str) -> ml_collections.ConfigDict:
+  """The frozen encoders of a family (spec §9): `vae`, `text_encoder` and, for FLUX.1, `clip`.
+
+  size: "4b" / "8b" (Qwen3 width of FLUX.2-klein-4B / 9B), "full" (FLUX.1: T5-XXL, CLIP-L) or
+  "tiny" (random-weight CPU models).
+  """
+  from cotir_jax.models.text import clip_config, qwen3_config, t5_config
+  from cotir_jax.models.vae import tiny_vae_config, vae_config
+  as_cfg = lambda dc: ml_collections.ConfigDict(dataclasses.asdict(dc))
+  tiny = size == "tiny"
+  e = ml_collections.ConfigDict()
+  e.vae = tiny_vae_config(family) if tiny else vae_config(family)
+  if family == "flux2":
+    e.text_encoder = as_cfg(qwen3_config(size))
+  else:
+    e.text_encoder = as_cfg(t5_config("tiny" if tiny else "xxl"))
+    e.clip = as_cfg(clip_config("tiny" if tiny else "l"))
+  return e
 
 
 def backbone_preset(name: str) -> ml_collections.ConfigDict:
@@ -102,9 +140,17 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   c.model.lora.lora_bias = True  # upstream never reads it; B always has a bias
   c.model.lora.merge_for_inference = False
   c.model.lora.init = "zeros"    # "upstream": PyTorch default init of A, B and B's bias
+  # Frozen encoders (spec §9). With model.pretrained they come from the converted checkpoint.
+  qwen = {"flux.2-klein-4b": "4b", "flux.2-klein-9b": "8b"}.get(base_model_name, "full")
+  use_encoders(c.model, c.model.family, qwen)
+  c.model.encoder_dtype = "bfloat16"
+  # Tokenizer directories: FLUX.2 `tokenizer/` (Qwen); FLUX.1 `tokenizer/` (CLIP) and
+  # `tokenizer_2/` (T5). Unset: the ones stored with model.pretrained.
+  c.model.tokenizer = config_dict.placeholder(str)
+  c.model.tokenizer_2 = config_dict.placeholder(str)
 
   c.data = ml_collections.ConfigDict()
-  c.data.data_dir = "data/sample"
+  c.data.data_dir = "../CoTIR-Bench"  # upstream layout: image/<deg>/*.tar + prompts/
   c.data.output_dir = "saves/"
   c.data.shuffle_buffer = 100
   c.data.balanced_shuffle = True
@@ -114,6 +160,13 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   c.data.val_batch_size = 2
   c.data.max_length = 512          # text tokens per prompt / answer
   c.data.max_skip_fraction = 0.01  # stop the run when more samples than this are corrupt
+  c.data.skip_check_min_samples = 500  # samples seen before the skip fraction is checked
+  c.data.mixing = "balanced"       # round-robin over degradation types, or "shuffle"
+  c.data.source = "tar"            # read the webdataset tars in place, or "array_record"
+  c.data.tfds_data_dir = config_dict.placeholder(str)  # where `cotir_bench` was built
+  c.data.index_cache_dir = "default"  # tar member-offset index cache ($XDG_CACHE_HOME/cotir_jax)
+  c.data.read_threads = 2
+  c.data.missing_prompt = "skip"   # or "fallback": upstream's "Please correct … issues."
 
   c.training = ml_collections.ConfigDict()
   c.training.use_gen = {0: 0.2, 10000: 0.3, 20000: 0.4, 30000: 0.5, 40000: 0.6}
@@ -169,6 +222,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   choose("model.remat_policy", m.remat_policy, REMAT_POLICIES)
   choose("model.dtype", m.dtype, DTYPES)
   choose("model.param_dtype", m.param_dtype, DTYPES)
+  choose("model.encoder_dtype", m.encoder_dtype, DTYPES)
+  choose("data.mixing", cfg.data.mixing, MIXING)
+  choose("data.source", cfg.data.source, DATA_SOURCES)
+  choose("data.missing_prompt", cfg.data.missing_prompt, MISSING_PROMPT)
   if m.hidden_size % m.num_heads:
     raise ConfigError(f"model.hidden_size={m.hidden_size} is not a multiple of model.num_heads={m.num_heads}")
   head_dim = m.hidden_size // m.num_heads
@@ -247,7 +304,23 @@ def load(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collectio
   cfg = module.get_config()
   for override in overrides:
     apply_override(cfg, override)
+  _resolve_paths(cfg)
   return validate(cfg)
+
+
+def _resolve_paths(cfg: ml_collections.ConfigDict) -> None:
+  """Relative paths that do not exist from the cwd but do in the repository (the shipped
+  sample data and tiny tokenizers) become absolute, so commands work from any directory."""
+  for field in PATH_FIELDS:
+    *parents, leaf = field.split(".")
+    node = cfg
+    for key in parents:
+      node = node.get(key) if node is not None else None
+    value = node.get(leaf) if node is not None else None
+    if isinstance(value, str) and value and not os.path.isabs(value) and not os.path.exists(value):
+      candidate = os.path.join(REPO_ROOT, value)
+      if os.path.exists(candidate):
+        node[leaf] = candidate
 
 
 def parse_cli(argv: Sequence[str] | None = None) -> tuple[ml_collections.ConfigDict, list[str]]:
