@@ -1,0 +1,105 @@
+"""Euler sampler with upstream's timestep schedules (spec §15): validation images and inference.
+
+Time runs from t = 1 (noise) to t = 0 (data); the model predicts v = noise − data, so each step
+is x ← x + (t_next − t_cur)·v. The clean conditioning tokens are re-fed every step with the
+same timestep as the noisy tokens (BFL's non-cached `denoise`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _time_shift(mu: float, ts: np.ndarray) -> np.ndarray:
+  """σ(t) = e^μ / (e^μ + (1/t − 1)) in float32 like torch (t = 0 → 0)."""
+  with np.errstate(divide="ignore"):
+    inv = (np.float32(1.0) / ts - np.float32(1.0)).astype(np.float32)
+  e = np.float32(math.exp(mu))
+  return (e / (e + inv)).astype(np.float32)
+
+
+def _linspace_1_0(n: int) -> np.ndarray:
+  return np.linspace(1.0, 0.0, n + 1, dtype=np.float64).astype(np.float32)
+
+
+def empirical_mu(image_seq_len: int, num_steps: int) -> float:
+  """FLUX.2's empirical μ(N, n) (klein), spec §15."""
+  a1, b1 = 8.73809524e-05, 1.89833333
+  a2, b2 = 0.00016927, 0.45666666
+  if image_seq_len > 4300:
+    return float(a2 * image_seq_len + b2)
+  m_200 = a2 * image_seq_len + b2
+  m_10 = a1 * image_seq_len + b1
+  a = (m_200 - m_10) / 190.0
+  return float(a * num_steps + (m_200 - 200.0 * a))
+
+
+def get_schedule_flux2(num_steps: int, image_seq_len: int) -> list[float]:
+  """klein: linspace(1, 0, n+1) shifted with the empirical μ."""
+  mu = empirical_mu(image_seq_len, num_steps)
+  return [float(x) for x in _time_shift(mu, _linspace_1_0(num_steps))]
+
+
+def get_schedule(num_steps: int, image_seq_len: int, base_shift: float = 0.5,
+                 max_shift: float = 1.15, shift: bool = True) -> list[float]:
+  """FLUX.1 / Kontext: μ linear in N through (256, 0.5) and (4096, 1.15)."""
+  ts = _linspace_1_0(num_steps)
+  if shift:
+    m = (max_shift - base_shift) / (4096 - 256)
+    mu = m * image_seq_len + (base_shift - m * 256)
+    ts = _time_shift(mu, ts)
+  return [float(x) for x in ts]
+
+
+def schedule(family: str, num_steps: int, image_seq_len: int) -> list[float]:
+  """The schedule upstream uses for a family ("flux2" klein, "flux1" Kontext)."""
+  if family == "flux2":
+    return get_schedule_flux2(num_steps, image_seq_len)
+  if family == "flux1":
+    return get_schedule(num_steps, image_seq_len, shift=True)
+  raise ValueError(f"unknown family {family!r}; expected 'flux2' or 'flux1'")
+
+
+def euler_sample(velocity_fn: Callable, x_c: jax.Array, img_ids: jax.Array, cond_ids: jax.Array,
+                 txt: jax.Array, txt_ids: jax.Array, *, num_steps: int, family: str,
+                 key: jax.Array | None, vec: jax.Array | None = None, guidance: float | None = 4.0,
+                 noise: jax.Array | None = None, dtype=None) -> jax.Array:
+  """Restores target tokens [B, N_tgt, C] from clean conditioning tokens x_c [B, N_cnd, C].
+
+  `velocity_fn(img, img_ids, txt, txt_ids, timesteps, vec, guidance)` returns the velocity of
+  all image tokens (e.g. `lambda *a: model(*a)[0]`); only the first N_tgt are used. The target
+  has x_c's shape (N_tgt = N_cnd in CoTIR). The schedule is static (num_steps and N are
+  shapes), the loop is a `fori_loop`, so the whole call can sit under `jax.jit`.
+  `noise` overrides the N(0, I) start drawn from `key`; `dtype` is the token dtype fed to the
+  model (x_c's dtype by default; bf16 reproduces upstream's bf16 inference).
+  """
+  dtype = dtype or x_c.dtype
+  b, n_tgt = x_c.shape[0], x_c.shape[1]
+  ts = jnp.asarray(schedule(family, num_steps, n_tgt), jnp.float32)
+  if noise is None and key is None:
+    raise ValueError("euler_sample needs a PRNG key (or the starting noise)")
+  x = noise if noise is not None else jax.random.normal(key, x_c.shape, jnp.float32)
+  x = x.astype(dtype)
+  ids = jnp.concatenate([img_ids, cond_ids], axis=1)
+  g = None if guidance is None else jnp.full((b,), guidance, dtype)
+  cond = x_c.astype(dtype)
+
+  def body(i, x):
+    t_cur, t_next = ts[i], ts[i + 1]
+    tvec = jnp.full((b,), t_cur, dtype)
+    v = velocity_fn(jnp.concatenate([x, cond], axis=1), ids, txt, txt_ids, tvec, vec, g)
+    v = v[:, :n_tgt]
+    return (x.astype(jnp.float32) + (t_next - t_cur) * v.astype(jnp.float32)).astype(dtype)
+
+  return jax.lax.fori_loop(0, num_steps, body, x)
+
+
+def to_uint8(images: jax.Array) -> np.ndarray:
+  """Images in [-1, 1] → uint8 like upstream: clamp, (x + 1)·127.5, truncating cast."""
+  x = np.asarray(jnp.clip(jnp.asarray(images, jnp.float32), -1.0, 1.0))
+  return ((x + 1.0) * 127.5).astype(np.uint8)  # float → uint8 truncates toward zero

@@ -1,0 +1,1 @@
+"""Training components: objective, primal-dual optax chain, checkpoints, metrics."""
