@@ -1,0 +1,40 @@
+"""python convert/diffusers_to_orbax.py --src <HF repo dir> --out <dir> [--dtype bfloat16|float32]
+
+Converts a FLUX.2-klein or FLUX.1-Kontext diffusers repository (or, with a bare transformer
+directory, just the transformer) into one Orbax checkpoint of the frozen base weights plus
+manifest.json and the tokenizers (layout: `cotir_jax.convert.base`).
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host work
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--src", required=True, help="diffusers repo dir (or bare transformer/ dir)")
+  p.add_argument("--out", required=True, help="output directory (must not exist)")
+  p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+  p.add_argument("--only", nargs="+", default=None,
+                 help="convert only these modules (transformer vae text_encoder clip)")
+  p.add_argument("--hidden-layers", type=int, nargs="+", default=None,
+                 help="Qwen3 hidden states fed to the transformer (default 9 18 27)")
+  p.add_argument("--overwrite", action="store_true")
+  args = p.parse_args(argv)
+  from cotir_jax.convert import ConversionError, diffusers_to_orbax
+  try:
+    m = diffusers_to_orbax(args.src, args.out, args.dtype, only=args.only,
+                           hidden_layers=args.hidden_layers, overwrite=args.overwrite)
+  except (ConversionError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  counts = ", ".join(f"{k} {v['parameters']:,}" for k, v in m["modules"].items())
+  print(f"wrote {args.out} ({m['layout']}, {m['dtype']}): {counts}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,362 @@
+"""Released CoTIR weights (upstream `lora.pt` / `cot_adapter.pt`, spec §8 and §13) ↔ our CoTIR.
+
+Upstream saves two `torch.save` dicts of bfloat16 tensors with BFL-native names:
+`lora.pt` holds every `.lora_` key of the backbone (`single_blocks.{i}.linear1.lora_A.weight`
+[r, in], `…lora_B.weight` [out, r], `…lora_B.bias` [out]; `final_layer.linear`,
+`final_layer.adaLN_modulation.1`; Kontext also `single_blocks.{i}.modulation.lin`), and
+`cot_adapter.pt` every `cot_adapter.*` parameter (`decoder.{i}` blocks, the three hidden
+heads, the three LastLayers, the three [1] scales). Ours keep LoRA as `Dense.lora.{a, b,
+b_bias}` with a = A.T [in, r], b = B.T [r, out], and stack blocks on a leading layer axis, so
+one `core.Rule` table (`{i}` = layer) drives import, export and the coverage check. BFL's
+`final_layer.adaLN_modulation.1` already emits (shift, scale) like ours: no swap here.
+
+Files may also be `.safetensors` with the same keys (what `save_cotir_weights(fmt=
+"safetensors")` writes). Import casts to each variable's dtype; export casts to `dtype`
+(bfloat16 by default, as upstream; `None` keeps ours, which makes round trips bit-exact).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from cotir_jax.convert.core import (IDENTITY, ConversionError, Rule, export_params, flat_params,
+                                    import_params, linear, rule)
+from cotir_jax.convert.safetensors_io import SafetensorsDir, save_file
+
+HEADS = ("degradation", "sharpness", "planning")
+LORA_FILE, ADAPTER_FILE = "lora", "cot_adapter"
+FORMATS = ("pt", "safetensors")
+
+
+# ----------------------------------------------------------------------------- the table
+
+def _lora(ours: str, ref: str) -> list[Rule]:
+  return [rule(f"{ours}.lora.a", f"{ref}.lora_A.weight"),
+          rule(f"{ours}.lora.b", f"{ref}.lora_B.weight"),
+          rule(f"{ours}.lora.b_bias", f"{ref}.lora_B.bias", t=IDENTITY)]
+
+
+def lora_rules(family: str, prefix: str = "backbone.") -> list[Rule]:
+  """Our LoRA variables (under `prefix`) ↔ upstream `lora.pt` keys (spec §8)."""
+  p, s = prefix, "single_blocks.{i}"
+  rules = [*_lora(f"{p}single_blocks.linear1", f"{s}.linear1"),
+           *_lora(f"{p}single_blocks.linear2", f"{s}.linear2"),
+           *_lora(f"{p}final_layer.linear", "final_layer.linear"),
+           *_lora(f"{p}final_layer.adaLN_modulation", "final_layer.adaLN_modulation.1")]
+  if family == "flux1":
+    rules += _lora(f"{p}single_blocks.modulation.lin", f"{s}.modulation.lin")
+  return rules
+
+
+def adapter_rules(prefix: str = "cot_adapter.") -> list[Rule]:
+  """Our `cot_adapter` variables ↔ upstream `cot_adapter.pt` keys (spec §7, §13)."""
+  a, d = "cot_adapter", "cot_adapter.decoder.{i}"
+  p = prefix
+  rules = [*linear(f"{p}decoder.linear1", f"{d}.linear1", True),
+           *linear(f"{p}decoder.linear2", f"{d}.linear2", True),
+           rule(f"{p}decoder.norm.query_norm.scale", f"{d}.norm.query_norm.scale", t=IDENTITY),
+           rule(f"{p}decoder.norm.key_norm.scale", f"{d}.norm.key_norm.scale", t=IDENTITY),
+           *linear(f"{p}decoder.modulation.lin", f"{d}.modulation.lin", True)]
+  for h in HEADS:
+    rules += [*linear(f"{p}{h}_layer", f"{a}.{h}_layer", True),
+              *linear(f"{p}final_{h}_layer.linear", f"{a}.final_{h}_layer.linear", True),
+              *linear(f"{p}final_{h}_layer.adaLN_modulation",
+                      f"{a}.final_{h}_layer.adaLN_modulation.1", True),
+              rule(f"{p}scale_{h}", f"{a}.scale_{h}", t=IDENTITY)]
+  return rules
+
+
+def cotir_rules(family: str) -> list[Rule]:
+  """The whole trainable set of `CoTIR` (paths as in `nnx.state(model, TRAINABLE)`)."""
+  return lora_rules(family) + adapter_rules()
+
+
+def family_of(paths) -> str:
+  """flux1 (Kontext) is the only family with LoRA on the single blocks' modulation."""
+  return "flux1" if any(".modulation.lin.lora." in p and "single_blocks" in p for p in paths) \
+      else "flux2"
+
+
+def trainable_targets(model) -> tuple[dict, dict]:
+  """(LoRA targets, adapter targets): dotted path → array or ShapeDtypeStruct."""
+  lora = flat_params(nnx.state(model, nnx.LoRAParam))
+  adapter = {f"cot_adapter.{k}": v for k, v in flat_params(nnx.state(model.cot_adapter)).items()}
+  return lora, adapter
+
+
+# ----------------------------------------------------------------------------- file I/O
+
+class _TorchTensors(Mapping):
+  """A torch.save dict as a lazy mapping of numpy arrays (bfloat16 via ml_dtypes)."""
+
+  def __init__(self, path: str):
+    import torch
+    try:
+      sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 — any unpickling failure is a bad file
+      raise ConversionError(f"{path}: cannot read as a torch.save state dict ({e})") from None
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+      raise ConversionError(f"{path}: expected a dict of name → tensor")
+    self._sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+
+  def __getitem__(self, key):
+    return torch_to_numpy(self._sd[key])
+
+  def shape(self, key):
+    return tuple(self._sd[key].shape)
+
+  def __contains__(self, key):  # without reading the tensor
+    return key in self._sd
+
+  def __iter__(self):
+    return iter(self._sd)
+
+  def __len__(self):
+    return len(self._sd)
+
+
+def torch_to_numpy(t) -> np.ndarray:
+  import torch
+  t = t.detach().cpu()
+  if t.dtype == torch.bfloat16:
+    return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+  return t.numpy()
+
+
+def numpy_to_torch(a: np.ndarray):
+  import torch
+  a = np.array(a, copy=not a.flags.writeable or not a.flags.c_contiguous)
+  if a.dtype == ml_dtypes.bfloat16:
+    return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+  return torch.from_numpy(a)
+
+
+def read_tensors(path: str) -> Mapping[str, np.ndarray]:
+  """`.pt` / `.bin` (torch.save dict) or `.safetensors` → lazy name → numpy mapping."""
+  if not os.path.isfile(path):
+    raise ConversionError(f"{path}: file does not exist")
+  if path.endswith(".safetensors"):
+    return SafetensorsDir(path)
+  return _TorchTensors(path)
+
+
+def _export_dtype(dtype):
+  if dtype is None:
+    return None
+  d = np.dtype(jnp.dtype(dtype))
+  if d not in (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16)):
+    raise ConversionError(f"dtype {d} cannot be represented in upstream CoTIR files "
+                          "(choose bfloat16, float16 or float32)")
+  return d
+
+
+def write_tensors(tensors: Mapping[str, np.ndarray], path: str, fmt: str) -> None:
+  """torch.save dict (`fmt="pt"`) or safetensors file with the same keys."""
+  if fmt == "safetensors":
+    save_file(tensors, path)
+  else:
+    import torch
+    torch.save({k: numpy_to_torch(v) for k, v in tensors.items()}, path)
+
+
+# ----------------------------------------------------------------------------- import / export
+
+def import_cotir_params(family: str, lora_targets: Mapping, adapter_targets: Mapping,
+                        lora_path: str | None, adapter_path: str | None) -> dict[str, np.ndarray]:
+  """Reads the upstream files into our dotted paths (numpy, each target's dtype)."""
+  out = {}
+  for path, targets, rules, what in ((lora_path, lora_targets, lora_rules(family), "LoRA"),
+                                     (adapter_path, adapter_targets, adapter_rules(), "adapter")):
+    if path is None:
+      continue
+    if not targets:
+      raise ConversionError(f"{path}: the model has no {what} parameters to load into "
+                            f"(is model.lora.enabled false?)")
+    out.update(import_params(rules, read_tensors(path), targets, source=path))
+  return out
+
+
+def _assign(model: nnx.Module, values: Mapping[str, np.ndarray]) -> None:
+  """Writes arrays into the model's variables in place, keeping dtype and sharding."""
+  state = nnx.state(model)
+  flat = nnx.to_flat_state(state)
+  for path, var in flat:
+    key = ".".join(str(k) for k in path)
+    if key not in values:
+      continue
+    old = var.get_value()
+    new = jnp.asarray(values[key], dtype=old.dtype)
+    sharding = getattr(old, "sharding", None)
+    if sharding is not None and not isinstance(old, jax.ShapeDtypeStruct):
+      new = jax.device_put(new, sharding)
+    var.set_value(new)
+  nnx.update(model, nnx.from_flat_state(flat))
+
+
+def load_cotir_weights(model, lora_path: str | None = None, adapter_path: str | None = None):
+  """Fills `model`'s LoRA and CoT-adapter variables from upstream `lora.pt` / `cot_adapter.pt`.
+
+  Either path may be None (skip that part). Every variable of the loaded part must be in the
+  file and every key of the file must map; errors name the file and the key (and both shapes
+  when they disagree). Values are cast to each variable's dtype. Returns the model.
+  """
+  lora_t, adapter_t = trainable_targets(model)
+  values = import_cotir_params(model.backbone.spec.family, lora_t, adapter_t, lora_path,
+                               adapter_path)
+  _assign(model, values)
+  return model
+
+
+def export_cotir_params(params: Mapping[str, object], dtype=jnp.bfloat16
+                        ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """Our trainable dotted paths → (lora dict, cot_adapter dict) with upstream names."""
+  want = _export_dtype(dtype)
+  params = {k: np.asarray(v) for k, v in params.items()}
+  family = family_of(params)
+  lora = {k: v for k, v in params.items() if not k.startswith("cot_adapter.")}
+  adapter = {k: v for k, v in params.items() if k.startswith("cot_adapter.")}
+  cast = (lambda d: {k: v.astype(want) for k, v in d.items()}) if want is not None else (lambda d: d)
+  return (cast(export_params(lora_rules(family), lora)),
+          cast(export_params(adapter_rules(), adapter)))
+
+
+def write_cotir_files(params: Mapping[str, object], out_dir: str, fmt: str = "pt",
+                      dtype=jnp.bfloat16) -> dict[str, str]:
+  """Writes `lora.<fmt>` (if the params hold LoRA) and `cot_adapter.<fmt>`; returns their paths."""
+  if fmt not in FORMATS:
+    raise ConversionError(f"format {fmt!r} is not supported; choose one of {FORMATS}")
+  lora, adapter = export_cotir_params(params, dtype)
+  os.makedirs(out_dir, exist_ok=True)
+  written = {}
+  for name, tensors in ((LORA_FILE, lora), (ADAPTER_FILE, adapter)):
+    if not tensors:
+      continue
+    path = os.path.join(out_dir, f"{name}.{fmt}")
+    tmp = f"{path}.tmp-{os.getpid()}"  # a failed write never leaves a truncated file
+    write_tensors(tensors, tmp, fmt)
+    os.replace(tmp, path)
+    written[name] = path
+  return written
+
+
+def save_cotir_weights(model, out_dir: str, fmt: str = "pt", dtype=jnp.bfloat16) -> dict[str, str]:
+  """Our LoRA + adapter → upstream `lora.pt` + `cot_adapter.pt` (or `.safetensors`, same keys).
+
+  `dtype`: tensor dtype of the files (bfloat16 as upstream; None keeps the model's dtype).
+  """
+  lora_t, adapter_t = trainable_targets(model)
+  return write_cotir_files({**lora_t, **adapter_t}, out_dir, fmt, dtype)
+
+
+def upstream_shapes(cfg_model) -> dict[str, tuple[int, ...]]:
+  """Reference key → shape of upstream's files, from the spec's formulas (§7, §8), no model.
+
+  Independent of the table: used by the coverage tests and by `cotir_to_orbax` messages.
+  """
+  m = cfg_model
+  h, family = m.hidden_size, m.family
+  mh = int(h * m.mlp_ratio)
+  l1 = 3 * h + (2 * mh if family == "flux2" else mh)
+  out_ch = m.get("out_channels") or m.in_channels
+  shapes: dict[str, tuple[int, ...]] = {}
+
+  def lora(name, i, o):
+    r = min(m.lora.rank, i, o)
+    shapes.update({f"{name}.lora_A.weight": (r, i), f"{name}.lora_B.weight": (o, r),
+                   f"{name}.lora_B.bias": (o,)})
+
+  if m.lora.enabled:
+    for i in range(m.depth_single_blocks):
+      lora(f"single_blocks.{i}.linear1", h, l1)
+      lora(f"single_blocks.{i}.linear2", h + mh, h)
+      if family == "flux1":
+        lora(f"single_blocks.{i}.modulation.lin", h, 3 * h)
+    lora("final_layer.linear", h, out_ch)
+    lora("final_layer.adaLN_modulation.1", h, 2 * h)
+
+  a = m.cot_adapter
+  ah, amh, out = a.hidden_size, int(a.hidden_size * a.mlp_ratio), a.out_channels
+  hd = ah // a.num_heads
+
+  def lin(name, i, o):
+    shapes.update({f"{name}.weight": (o, i), f"{name}.bias": (o,)})
+
+  for i in range(a.depth):
+    d = f"cot_adapter.decoder.{i}"
+    lin(f"{d}.linear1", ah, 3 * ah + amh)
+    lin(f"{d}.linear2", ah + amh, ah)
+    shapes[f"{d}.norm.query_norm.scale"] = (hd,)
+    shapes[f"{d}.norm.key_norm.scale"] = (hd,)
+    lin(f"{d}.modulation.lin", ah, 3 * ah)
+  for n in HEADS:
+    lin(f"cot_adapter.{n}_layer", 2 * ah if n == "planning" else ah, ah)
+    lin(f"cot_adapter.final_{n}_layer.linear", ah, out)
+    lin(f"cot_adapter.final_{n}_layer.adaLN_modulation.1", ah, 2 * ah)
+    shapes[f"cot_adapter.scale_{n}"] = (1,)
+  return shapes
+
+
+# ----------------------------------------------------------------------------- Orbax
+
+def _abstract_model(cfg):
+  from cotir_jax import models
+  return nnx.eval_shape(lambda: models.CoTIR(cfg.model, rngs=nnx.Rngs(0)))
+
+
+def check_trainable(params: Mapping[str, object], targets: Mapping[str, object], source: str):
+  """Same paths and shapes as the model's trainable state; errors name the key and shapes."""
+  missing = sorted(set(targets) - set(params))
+  unexpected = sorted(set(params) - set(targets))
+  if missing:
+    raise ConversionError(f"{source}: missing key(s) {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
+  if unexpected:
+    raise ConversionError(f"{source}: unexpected key(s) {unexpected[:5]}"
+                          + (" ..." if len(unexpected) > 5 else ""))
+  for k, t in targets.items():
+    if tuple(np.shape(params[k])) != tuple(t.shape):
+      raise ConversionError(f"{source}: key {k!r} has shape {tuple(np.shape(params[k]))}, the "
+                            f"config expects {tuple(t.shape)}")
+
+
+def cotir_to_orbax(lora_path: str | None, adapter_path: str | None, cfg, out: str, *,
+                   overwrite: bool = False) -> dict[str, np.ndarray]:
+  """Upstream `lora.pt` + `cot_adapter.pt` → trainable-weights Orbax checkpoint (layout in
+  `orbax_io`), in the dtypes of the config's trainable variables. Returns the flat params."""
+  from cotir_jax.convert import orbax_io
+  from cotir_jax import models
+  model = _abstract_model(cfg)
+  lora_t, adapter_t = trainable_targets(model)
+  if lora_t and lora_path is None:
+    raise ConversionError("the config has LoRA (model.lora.enabled) but no LoRA file was given")
+  if adapter_path is None:
+    raise ConversionError("a cot_adapter file is required")
+  params = import_cotir_params(cfg.model.family, lora_t, adapter_t, lora_path, adapter_path)
+  check_trainable(params, flat_params(nnx.state(model, models.TRAINABLE)), "cotir_to_orbax")
+  meta = {"family": cfg.model.family, "sources": {"lora": lora_path, "cot_adapter": adapter_path},
+          "dtypes": sorted({str(v.dtype) for v in params.values()}),
+          "config": json.loads(cfg.to_json_best_effort())}
+  orbax_io.save_trainable(out, params, meta, overwrite=overwrite)
+  return params
+
+
+def orbax_to_cotir(checkpoint: str, out_dir: str, fmt: str = "pt", dtype=jnp.bfloat16,
+                   cfg=None) -> dict[str, str]:
+  """Trainable params of a training / `cotir_to_orbax` checkpoint → upstream files.
+
+  With `cfg`, paths and shapes are checked against that config's model first.
+  """
+  from cotir_jax.convert import orbax_io
+  from cotir_jax import models
+  params, _ = orbax_io.load_trainable(checkpoint)
+  if cfg is not None:
+    check_trainable(params, flat_params(nnx.state(_abstract_model(cfg), models.TRAINABLE)),
+                    checkpoint)
+  return write_cotir_files(params, out_dir, fmt, dtype)
