@@ -226,7 +226,7 @@ def train(cfg, workdir: str) -> dict:
             writer.write(step, {k: float(v) for k, v in metrics.items()})
             bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", stage=stage)
             t_last, n_since, logged_at = time.perf_counter(), 0, done
-          if lead and step % cfg.training.val_steps == 0:
+          if lead and cfg.training.val_steps > 0 and step % cfg.training.val_steps == 0:
             val = {k: v[:cfg.data.val_batch_size] for k, v in local.items()}
             images = validate(state["params"], frozen, val)
             _write_grid(os.path.join(workdir, "validation", f"step_{step:06d}.png"), images)
