@@ -205,7 +205,7 @@ def _rules(kind: str, our_cfg, keys, config: dict):
     from cotir_jax.convert.vae import IGNORE, vae_rules
     return vae_rules(our_cfg), IGNORE
   from cotir_jax.convert.text import rules_for
-  return rules_for(our_cfg, list(keys), config)
+  return rules_for(our_cfg, list(keys))
 
 
 # ----------------------------------------------------------------------------- layout

@@ -29,7 +29,7 @@ from cotir_jax.train import objective as obj
 from cotir_jax.train import optim
 from cotir_jax.train.checkpoint import Checkpointer
 from cotir_jax.train.metrics import MetricsWriter
-from cotir_jax.train.modules import build_modules, build_tokenizers
+from cotir_jax.train.modules import build_states, build_tokenizers
 from cotir_jax.train.step import Graphs, guidance_for, make_train_step, text_key
 
 log = logging.getLogger("cotir_jax.train")
@@ -135,15 +135,9 @@ def train(cfg, workdir: str) -> dict:
   mesh = sharding.make_mesh(cfg.mesh)
   rules = sharding.rules_from_config(cfg.mesh)
 
-  modules = build_modules(cfg)
+  gd, params, frozen = build_states(cfg, mesh, rules)
+  graphs = Graphs(model=gd["model"], vae=gd["vae"], text=gd["text"], clip=gd["clip"])
   tokenizers = build_tokenizers(cfg)
-  gd_model, params, frozen_model = nnx.split(modules["model"], models.TRAINABLE, ...)
-  gd = {"vae": None, "text": None, "clip": None}
-  frozen = {"model": frozen_model}
-  for name in ("vae", "text", "clip"):
-    if modules.get(name) is not None:
-      gd[name], frozen[name] = nnx.split(modules[name])
-  graphs = Graphs(model=gd_model, vae=gd["vae"], text=gd["text"], clip=gd["clip"])
 
   tx = optim.make_optimizer(cfg)
   lambdas = optim.init_lambdas()
@@ -156,7 +150,6 @@ def train(cfg, workdir: str) -> dict:
   state_sh = sharding.tree_shardings(state, mesh, rules)
   frozen_sh = sharding.tree_shardings(frozen, mesh, rules)
   state = sharding.place(state, state_sh)
-  frozen = sharding.place(frozen, frozen_sh)
 
   ckpt = Checkpointer(workdir, max_to_keep=cfg.training.checkpoints_total_limit)
   data_state = None
