@@ -14,6 +14,13 @@ import warnings
 import numpy as np
 from PIL import Image
 
+try:  # libspng decodes 8-bit RGB PNGs about 1.7x faster than Pillow here; Pillow is the fallback
+  import pyspng
+except ImportError:  # pragma: no cover - optional speed-up
+  pyspng = None
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
 from cotir_jax.data import prompts as P
 
 REASONS = ("truncated_tar", "missing_member", "corrupt_png", "not_rgb", "size_mismatch",
@@ -44,8 +51,21 @@ class SkipSample(Exception):
     self.detail = detail
 
 
+def _is_rgb8(data: bytes) -> bool:
+  """IHDR says 8-bit truecolor (colour type 2): the only kind the fast path decodes."""
+  return (len(data) > 33 and data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR"
+          and data[24] == 8 and data[25] == 2)
+
+
 def decode_png(data: bytes, what: str) -> np.ndarray:
   """uint8 HWC RGB; grayscale/RGBA/palette PNGs are skipped ('not_rgb') rather than converted."""
+  if pyspng is not None and _is_rgb8(data):
+    try:
+      img = pyspng.load(data)
+    except Exception as e:  # truncated / corrupt stream
+      raise SkipSample("corrupt_png", f"{what}: {type(e).__name__}: {e}") from None
+    if img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8:
+      return img
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
