@@ -1,46 +1,18 @@
 """Tiny FLUX.2-family CoTIR with random weights: trains on a laptop CPU on the shipped sample data.
 
 The embedded default of `python -m cotir_jax.train`, the demo and the test fixture. Same code
-paths as `cotir_4b.py`; only sizes, schedule lengths and dtypes differ.
+paths as `cotir_4b.py`; only sizes, schedule lengths and dtypes differ (`config.tiny`).
 """
 
-from cotir_jax.config import defaults, use_encoders
+from cotir_jax.config import tiny
 
 
 def get_config():
-  c = defaults("flux.2-klein-4b")
+  c = tiny("flux.2-klein-4b")
   c.project_name = "CoTIR-tiny"
   m = c.model
   m.base_model_name = "tiny-flux2"
-  m.hidden_size = 64
-  m.num_heads = 2
   m.axes_dim = (8, 8, 8, 8)
-  m.depth = 2
-  m.depth_single_blocks = 2
   m.context_in_dim = 96  # 3 stacked hidden layers of a 32-wide tiny Qwen3
-  m.dtype = "float32"
-  m.param_dtype = "float32"
-  m.remat_policy = "none"  # nothing to save at these sizes; halves the compile time
-  m.cot_adapter.depth = 2
-  m.lora.rank = 8
-  use_encoders(m, "flux2", "tiny")
-  m.encoder_dtype = "float32"
   m.tokenizer = "assets/tokenizers/tiny_qwen3"
-
-  d = c.data
-  d.data_dir = "data/sample"  # the real-photo sample set shipped in the repository
-  d.num_workers = 0      # decode in the main process: fine for 32-64 px patches
-  d.max_length = 64      # text tokens per prompt / answer
-  d.val_batch_size = 2
-
-  t = c.training
-  t.iterations = (60, 120)
-  t.patch_sizes = (32, 64)
-  t.batch_sizes = (4, 2)
-  t.learning_rate = 2e-3  # tiny random models learn visibly within 120 steps
-  t.lr_warmup_steps = 10
-  t.val_steps = 60
-  t.save_steps = 40
-  t.log_steps = 1
-  t.num_steps = 4
   return c

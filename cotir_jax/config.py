@@ -208,6 +208,44 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   return c
 
 
+def tiny(base_model_name: str) -> ml_collections.ConfigDict:
+  """A random-weight model of a family's shape that trains on a CPU on `data/sample` in minutes.
+
+  Shared by `configs/tiny.py` (FLUX.2) and `configs/tiny_kontext.py` (FLUX.1), which add only
+  what differs between the families (RoPE axes, text widths, tokenizers).
+  """
+  c = defaults(base_model_name)
+  m = c.model
+  m.hidden_size = 64
+  m.num_heads = 2
+  m.depth = 2
+  m.depth_single_blocks = 2
+  m.dtype = "float32"
+  m.param_dtype = "float32"
+  m.remat_policy = "none"  # nothing to save at these sizes; halves the compile time
+  m.cot_adapter.depth = 2
+  m.lora.rank = 8
+  use_encoders(m, m.family, "tiny")
+  m.encoder_dtype = "float32"
+
+  d = c.data
+  d.data_dir = "data/sample"  # the real-photo sample set shipped in the repository
+  d.num_workers = 0           # decode in the main process: fine for 32-64 px patches
+  d.max_length = 64           # text tokens per prompt / answer
+
+  t = c.training
+  t.iterations = (60, 120)
+  t.patch_sizes = (32, 64)
+  t.batch_sizes = (4, 2)
+  t.learning_rate = 2e-3      # tiny random models learn visibly within 120 steps
+  t.lr_warmup_steps = 10
+  t.val_steps = 60
+  t.save_steps = 40
+  t.log_steps = 1
+  t.num_steps = 4
+  return c
+
+
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks the values that have a closed set of choices or must agree with each other."""
   def choose(field, value, allowed):
