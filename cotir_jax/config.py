@@ -286,6 +286,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for p in t.patch_sizes:
     if p % 16:
       raise ConfigError(f"training.patch_sizes contains {p}; every patch size must be a multiple of 16")
+  if t.gradient_accumulation_steps != 1:
+    raise ConfigError(f"training.gradient_accumulation_steps={t.gradient_accumulation_steps} is "
+                      "not supported; only 1 (upstream's value): raise the global batch instead")
   for key in ("data", "fsdp", "tensor"):
     v = cfg.mesh[key]
     if not isinstance(v, int) or (v < 1 and v != -1):

@@ -47,7 +47,9 @@ def test_bad_config_values_name_the_field():
                           ("training.learning_rate=abc", "training.learning_rate"),
                           ("model.lora.init=gaussian", "model.lora.init"),
                           ("training.patch_sizes=(30, 256, 384, 512)", "training.patch_sizes"),
-                          ("training.batch_sizes=(1, 2)", "training.batch_sizes")):
+                          ("training.batch_sizes=(1, 2)", "training.batch_sizes"),
+                          ("training.gradient_accumulation_steps=2",
+                           "training.gradient_accumulation_steps")):
     with pytest.raises(config.ConfigError, match=field.replace(".", r"\.")):
       config.load(os.path.join(REPO, "configs/cotir_4b.py"), [override])
 
