@@ -7,7 +7,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -16,7 +15,7 @@ from flax import nnx
 from cotir_jax import config, convert, models
 from cotir_jax.convert import cotir as C
 from cotir_jax.convert.core import ConversionError, check_coverage, flat_params
-from cotir_jax.convert.orbax_io import load_trainable, nest
+from cotir_jax.convert.orbax_io import load_trainable
 from cotir_jax.models.layers import Dense
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

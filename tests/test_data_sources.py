@@ -5,7 +5,6 @@ import os
 import tarfile
 
 import numpy as np
-import pytest
 
 from cotir_jax import data as D
 from cotir_jax.data import sources as S

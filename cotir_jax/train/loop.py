@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -22,7 +21,7 @@ from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
-from cotir_jax import models, sharding
+from cotir_jax import sharding
 from cotir_jax import sample as sampler
 from cotir_jax.data import pipeline
 from cotir_jax.train import objective as obj

@@ -12,7 +12,6 @@ full-size base never exists twice on the host.
 
 from __future__ import annotations
 
-import os
 
 import jax
 from flax import nnx
