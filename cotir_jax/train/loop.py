@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from PIL import Image
 from tqdm import tqdm
 
@@ -88,6 +89,19 @@ def _global_batch(local: dict, shardings_: dict) -> dict:
   return {k: jax.make_array_from_process_local_data(shardings_[k], v) for k, v in local.items()}
 
 
+def _all_processes(obj) -> list:
+  """Every process's JSON-able `obj`, in process order (the checkpoint's JSON is written by the
+  primary process only, so per-process data-iterator states travel through it as one list)."""
+  if jax.process_count() == 1:
+    return [obj]
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size]))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:data.size] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(rows[i, :n]).decode()) for i, n in enumerate(sizes)]
+
+
 def make_validate(cfg, graphs: Graphs):
   """`validate(params, frozen, batch) -> (hq, lq, result_gen, result_spe)` images in [-1, 1]."""
   family, name = cfg.model.family, text_key(cfg.model.family)
@@ -154,7 +168,8 @@ def train(cfg, workdir: str) -> dict:
   data_state = None
   restored = ckpt.restore(sharding.abstract_with_shardings(state, state_sh))
   if restored is not None:
-    state, data_state = restored["state"], restored["data_state"]
+    state = restored["state"]
+    data_state = restored["data_state"]["processes"][jax.process_index()]
   step = int(state["step"])
   total = int(cfg.training.iterations[-1])
 
@@ -175,7 +190,8 @@ def train(cfg, workdir: str) -> dict:
   bar = tqdm(total=total, initial=step, disable=not lead, desc="train", dynamic_ncols=True)
 
   def save(it):
-    ckpt.save(int(state["step"]), state, data_state=it.get_state(), config=cfg)
+    ckpt.save(int(state["step"]), state, data_state={"processes": _all_processes(it.get_state())},
+              config=cfg)
 
   try:
     with _StopRequested() as stop:
@@ -218,10 +234,14 @@ def train(cfg, workdir: str) -> dict:
             writer.write(step, {k: float(v) for k, v in metrics.items()})
             bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", stage=stage)
             t_last, n_since, logged_at = time.perf_counter(), 0, done
-          if lead and cfg.training.val_steps > 0 and step % cfg.training.val_steps == 0:
+          if cfg.training.val_steps > 0 and step % cfg.training.val_steps == 0:
+            # every process runs the (SPMD) sampler on the lead's first samples; the lead writes
             val = {k: v[:cfg.data.val_batch_size] for k, v in local.items()}
+            if jax.process_count() > 1:
+              val = multihost_utils.broadcast_one_to_all(val)
             images = validate(state["params"], frozen, val)
-            _write_grid(os.path.join(workdir, "validation", f"step_{step:06d}.png"), images)
+            if lead:
+              _write_grid(os.path.join(workdir, "validation", f"step_{step:06d}.png"), images)
           step = done
           bar.update(1)
           if done % cfg.training.save_steps == 0 or done == total or stop.signal:
