@@ -12,11 +12,11 @@ block and then discards those rows; here only the text rows are computed (same n
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cotir_jax.models.layers import (Dense, LastLayer, Modulation, QKNorm, apply_rope, gelu_tanh,
+from cotir_jax.models.layers import (Dense, LastLayer, Modulation, QKNorm, apply_rope, attend,
+                                     gelu_tanh,
                                      modulate, param, scan_blocks, split_heads, stack_blocks)
 from cotir_jax.models.spec import ModelSpec
 
@@ -47,11 +47,8 @@ class CoTIRBlock(nnx.Module):
     m = self.linear1(z_txt, slice(3 * h, None))
     q, k = self.norm(q, k, v)
     cos, sin = rope
-    q = apply_rope(q, cos[:, :n_txt], sin[:, :n_txt])
-    k = apply_rope(k, cos, sin)
-    a = jax.nn.dot_product_attention(q, k, v, implementation=None if self.attention == "xla"
-                                     else self.attention)
-    a = a.reshape(*a.shape[:2], -1)
+    a = attend(apply_rope(q, cos[:, :n_txt], sin[:, :n_txt]), apply_rope(k, cos, sin), v,
+               self.attention)
     return x + g[:, None] * self.linear2(jnp.concatenate([a, gelu_tanh(m)], axis=-1))
 
 

@@ -32,10 +32,9 @@ def torch_uniform(key: jax.Array, shape: Sequence[int], fan_in: int, dtype) -> j
 
 
 def matmul(x: jax.Array, w: jax.Array, dtype, precision=None) -> jax.Array:
-  """x @ w in the compute dtype with float32 accumulation; result in the compute dtype."""
-  y = jnp.matmul(x.astype(dtype), w.astype(dtype), precision=precision,
-                 preferred_element_type=jnp.float32)
-  return y.astype(dtype)
+  """x @ w in the compute dtype with float32 accumulation; result in float32."""
+  return jnp.matmul(x.astype(dtype), w.astype(dtype), precision=precision,
+                    preferred_element_type=jnp.float32)
 
 
 class LoRA(nnx.Module):
@@ -64,8 +63,7 @@ class LoRA(nnx.Module):
 
   def __call__(self, x: jax.Array, precision=None) -> jax.Array:
     """The float32 update scale·(x A B + b), added to the base output before its cast."""
-    h = jnp.matmul(matmul(x, self.a[...], self.dtype, precision), self.b[...].astype(self.dtype),
-                   precision=precision, preferred_element_type=jnp.float32)
+    h = matmul(matmul(x, self.a[...], self.dtype, precision), self.b[...], self.dtype, precision)
     return self.scale * (h + self.b_bias[...].astype(jnp.float32))
 
 
@@ -90,8 +88,7 @@ class Dense(nnx.Module):
     if cols is not None:
       assert self.lora is None, "column slices of a LoRA layer are not supported"
       kernel, bias = kernel[:, cols], None if bias is None else bias[cols]
-    y = jnp.matmul(x.astype(self.dtype), kernel.astype(self.dtype),
-                   precision=self.precision, preferred_element_type=jnp.float32)
+    y = matmul(x, kernel, self.dtype, self.precision)
     if bias is not None:
       y = y + bias.astype(jnp.float32)
     if self.lora is not None:
@@ -212,18 +209,22 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return out.reshape(x.shape).astype(x.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, rope: tuple[jax.Array, jax.Array],
-              implementation: str = "xla") -> jax.Array:
-  """Full bidirectional attention with RoPE on q, k ([B, L, H, D]); returns [B, L, H·D].
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "xla") -> jax.Array:
+  """Unmasked attention of q [B, Lq, H, D] over k, v [B, Lk, H, D] → [B, Lq, H·D].
 
   `implementation` is passed to `jax.nn.dot_product_attention` ("xla" everywhere, "cudnn"
   for the fused GPU kernel); scale 1/sqrt(D), no mask (spec §2).
   """
-  cos, sin = rope
-  q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
   out = jax.nn.dot_product_attention(q, k, v, implementation=None if implementation == "xla"
                                      else implementation)
   return out.reshape(*out.shape[:2], -1)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, rope: tuple[jax.Array, jax.Array],
+              implementation: str = "xla") -> jax.Array:
+  """Full bidirectional attention with RoPE on q, k ([B, L, H, D]); returns [B, L, H·D]."""
+  cos, sin = rope
+  return attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, implementation)
 
 
 def split_heads(x: jax.Array, parts: int, num_heads: int) -> list[jax.Array]:
