@@ -30,6 +30,7 @@ DTYPES = ("float32", "bfloat16")
 MIXING = ("balanced", "shuffle")
 DATA_SOURCES = ("tar", "array_record")
 MISSING_PROMPT = ("skip", "fallback")
+PROMPT_ERRORS = ("stop", "skip")
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,7 +160,7 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   c.data.num_workers = 4
   c.data.val_batch_size = 2
   c.data.max_length = 512          # text tokens per prompt / answer
-  c.data.max_skip_fraction = 0.01  # stop the run when more samples than this are corrupt
+  c.data.max_skip_fraction = 0.01  # stop the run when more samples (or shards) than this are corrupt
   c.data.skip_check_min_samples = 500  # samples seen before the skip fraction is checked
   c.data.mixing = "balanced"       # round-robin over degradation types, or "shuffle"
   c.data.source = "tar"            # read the webdataset tars in place, or "array_record"
@@ -167,6 +168,8 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   c.data.index_cache_dir = "default"  # tar member-offset index cache ($XDG_CACHE_HOME/cotir_jax)
   c.data.read_threads = 2
   c.data.missing_prompt = "skip"   # or "fallback": upstream's "Please correct … issues."
+  c.data.prompt_errors = "stop"    # a prompt line that is not UTF-8 stops start-up, or "skip": drop it, warn
+  c.data.max_image_pixels = 4096 * 4096  # larger PNGs are skipped ('too_large') from their header, undecoded
 
   c.training = ml_collections.ConfigDict()
   c.training.use_gen = {0: 0.2, 10000: 0.3, 20000: 0.4, 30000: 0.5, 40000: 0.6}
@@ -264,6 +267,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   choose("data.mixing", cfg.data.mixing, MIXING)
   choose("data.source", cfg.data.source, DATA_SOURCES)
   choose("data.missing_prompt", cfg.data.missing_prompt, MISSING_PROMPT)
+  choose("data.prompt_errors", cfg.data.prompt_errors, PROMPT_ERRORS)
+  if not isinstance(cfg.data.max_image_pixels, int) or cfg.data.max_image_pixels < 1:
+    raise ConfigError(f"data.max_image_pixels={cfg.data.max_image_pixels!r} must be a positive int")
+  if not 0 <= cfg.data.max_skip_fraction <= 1:
+    raise ConfigError(f"data.max_skip_fraction={cfg.data.max_skip_fraction!r} must be in [0, 1]")
   if m.hidden_size % m.num_heads:
     raise ConfigError(f"model.hidden_size={m.hidden_size} is not a multiple of model.num_heads={m.num_heads}")
   head_dim = m.hidden_size // m.num_heads

@@ -4,12 +4,13 @@ from cotir_jax.data.decode import REASONS, TEXT_FIELDS, RawRecord, SkipSample, p
 from cotir_jax.data.mixing import StreamOrder
 from cotir_jax.data.pipeline import (CotirIterator, SkipFractionError, make_iterator, make_prompt_bank,
                                      make_source, per_process_batch, stage_of_step, start_position)
-from cotir_jax.data.prompts import PromptBank, normalize_deg, parse_answer, pick_prompts, weighted_pick
-from cotir_jax.data.sources import TarSource, resolve_layout
+from cotir_jax.data.prompts import (PromptBank, PromptFileError, normalize_deg, parse_answer, pick_prompts,
+                                    weighted_pick)
+from cotir_jax.data.sources import DataLayoutError, TarSource, resolve_layout
 
 __all__ = [
     "REASONS", "TEXT_FIELDS", "RawRecord", "SkipSample", "process_record", "resize_bilinear", "StreamOrder",
     "CotirIterator", "SkipFractionError", "make_iterator", "make_prompt_bank", "make_source",
     "per_process_batch", "stage_of_step", "start_position", "PromptBank", "normalize_deg", "parse_answer",
-    "pick_prompts", "weighted_pick", "TarSource", "resolve_layout",
+    "pick_prompts", "weighted_pick", "TarSource", "resolve_layout", "PromptFileError", "DataLayoutError",
 ]

@@ -19,12 +19,13 @@ try:  # libspng decodes 8-bit RGB PNGs about 1.7x faster than Pillow here; Pillo
 except ImportError:  # pragma: no cover - optional speed-up
   pyspng = None
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
 from cotir_jax.data import prompts as P
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_IMAGE_PIXELS = 4096 * 4096  # data.max_image_pixels default: 16x the 1024^2 patch, 48 MiB as uint8 RGB
+
 REASONS = ("truncated_tar", "missing_member", "corrupt_png", "not_rgb", "size_mismatch",
-           "invalid_json", "missing_cot_fields", "missing_prompt_file", "empty_prompt_file")
+           "invalid_json", "missing_cot_fields", "missing_prompt_file", "empty_prompt_file", "too_large")
 TEXT_FIELDS = ("gen", "spe", "ans_s", "ans_d", "ans_p")
 
 
@@ -43,6 +44,10 @@ class RawRecord:
   truncated: bool = False
 
 
+class SkipFractionError(RuntimeError):
+  """More samples or shards were skipped than data.max_skip_fraction allows: the dataset needs fixing."""
+
+
 class SkipSample(Exception):
   def __init__(self, reason: str, detail: str):
     assert reason in REASONS, reason
@@ -51,14 +56,29 @@ class SkipSample(Exception):
     self.detail = detail
 
 
+def _has_ihdr(data: bytes) -> bool:
+  return len(data) > 33 and data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR"
+
+
 def _is_rgb8(data: bytes) -> bool:
   """IHDR says 8-bit truecolor (colour type 2): the only kind the fast path decodes."""
-  return (len(data) > 33 and data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR"
-          and data[24] == 8 and data[25] == 2)
+  return _has_ihdr(data) and data[24] == 8 and data[25] == 2
 
 
-def decode_png(data: bytes, what: str) -> np.ndarray:
-  """uint8 HWC RGB; grayscale/RGBA/palette PNGs are skipped ('not_rgb') rather than converted."""
+def _check_pixels(width: int, height: int, what: str, max_pixels: int) -> None:
+  if width * height > max_pixels:
+    raise SkipSample("too_large", f"{what} is {width}x{height} = {width * height} pixels "
+                                  f"> data.max_image_pixels={max_pixels}")
+
+
+def decode_png(data: bytes, what: str, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+  """uint8 HWC RGB; grayscale/RGBA/palette PNGs are skipped ('not_rgb') rather than converted.
+
+  The size is checked from the header before any pixel is decoded ('too_large' above max_pixels),
+  so a decompression bomb costs a few header bytes, not gigabytes.
+  """
+  if _has_ihdr(data):
+    _check_pixels(int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"), what, max_pixels)
   if pyspng is not None and _is_rgb8(data):
     try:
       img = pyspng.load(data)
@@ -70,7 +90,12 @@ def decode_png(data: bytes, what: str) -> np.ndarray:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
       img = Image.open(io.BytesIO(data))
+      _check_pixels(*img.size, what, max_pixels)  # other formats Pillow recognises: size before load
       img.load()
+  except SkipSample:
+    raise
+  except Image.DecompressionBombError as e:  # Pillow's own guard, when data.max_image_pixels exceeds it
+    raise SkipSample("too_large", f"{what}: {e}") from None
   except Exception as e:  # PIL raises OSError/SyntaxError/ValueError/... for broken files
     raise SkipSample("corrupt_png", f"{what}: {type(e).__name__}: {e}") from None
   if img.mode != "RGB":
@@ -90,13 +115,18 @@ def _axis_weights(n_in: int, n_out: int):
 
 
 def resize_bilinear(x: np.ndarray, size: int) -> np.ndarray:
-  """HWC float32 -> [size, size, C], what F.interpolate(mode='bilinear', align_corners=False) computes."""
+  """HWC float32 -> [size, size, C], what F.interpolate(mode='bilinear', align_corners=False) computes.
+
+  A uint8 image gives resize_bilinear(to_float(x)) bit for bit, but converts only the rows it gathers
+  (indexing commutes with the elementwise conversion): no float32 copy of the full-size image.
+  """
+  as_float = to_float if x.dtype == np.uint8 else (lambda a: a)
   h, w = x.shape[:2]
   if (h, w) == (size, size):
-    return x
+    return as_float(x)
   i0, i1, ly = _axis_weights(h, size)
   ly = ly[:, None, None]
-  x = x[i0] * (1 - ly) + x[i1] * ly
+  x = as_float(x[i0]) * (1 - ly) + as_float(x[i1]) * ly
   j0, j1, lx = _axis_weights(w, size)
   lx = lx[None, :, None]
   return (x[:, j0] * (1 - lx) + x[:, j1] * lx).astype(np.float32)
@@ -124,7 +154,7 @@ def parse_meta(raw: bytes):
 
 
 def process_record(rec: RawRecord, *, patch_size: int, bank: P.PromptBank, rng: np.random.Generator,
-                   label_from_folder: bool) -> dict:
+                   label_from_folder: bool, max_pixels: int = MAX_IMAGE_PIXELS) -> dict:
   """Raw record -> {'hq','lq' [P,P,3] float32, texts, 'deg'}; raises SkipSample.
 
   label_from_folder mirrors upstream `return_deg_type`: True takes the label from the shard folder,
@@ -136,8 +166,8 @@ def process_record(rec: RawRecord, *, patch_size: int, bank: P.PromptBank, rng: 
   if missing:
     raise SkipSample("missing_member", f"no {', '.join(missing)}")
   meta, cot, questions = parse_meta(rec.meta)
-  hq = decode_png(rec.hq, "hq.png")
-  lq = decode_png(rec.lq, "lq.png")
+  hq = decode_png(rec.hq, "hq.png", max_pixels)
+  lq = decode_png(rec.lq, "lq.png", max_pixels)
   if hq.shape != lq.shape:
     raise SkipSample("size_mismatch", f"hq {hq.shape[:2]} vs lq {lq.shape[:2]}")
   label_raw = rec.deg_type if label_from_folder else (
@@ -150,7 +180,7 @@ def process_record(rec: RawRecord, *, patch_size: int, bank: P.PromptBank, rng: 
     raise SkipSample(e.reason, str(e)) from None
   ans_s, ans_d, ans_p = P.parse_answer(cot["answers"])
   return {
-      "hq": resize_bilinear(to_float(hq), patch_size),
-      "lq": resize_bilinear(to_float(lq), patch_size),
+      "hq": resize_bilinear(hq, patch_size),
+      "lq": resize_bilinear(lq, patch_size),
       "gen": gen, "spe": spe, "ans_s": ans_s, "ans_d": ans_d, "ans_p": ans_p, "deg": label,
   }

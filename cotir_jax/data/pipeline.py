@@ -7,6 +7,7 @@ The training loop builds one iterator per stage:
     meta = batch.pop('meta')         #  'meta': strings and positions for logging/validation}
     state = it.get_state()           # JSON-able dict; save it with the checkpoint
     it.skip_counts                   # {reason: count}, cumulative over the run
+    it.bad_shards                    # shards found bad at start-up (paths and why: it.bad_shard_paths)
 
 Resuming and changing stage both go through `state`: it holds the process-local stream position
 after the last delivered batch plus the skip counters, and every sample is a pure function of
@@ -27,19 +28,16 @@ import grain
 import numpy as np
 
 from cotir_jax.data import prompts as P
-from cotir_jax.data.decode import REASONS, TEXT_FIELDS, RawRecord, SkipSample, process_record
+from cotir_jax.data.decode import (MAX_IMAGE_PIXELS, REASONS, TEXT_FIELDS, RawRecord, SkipFractionError,
+                                   SkipSample, process_record)
 from cotir_jax.data.mixing import StreamOrder
-from cotir_jax.data.sources import TarSource, resolve_layout
+from cotir_jax.data.sources import TarSource, check_bad_shards, resolve_layout
 
 log = logging.getLogger(__name__)
 
 ALL_REASONS = REASONS + ("read_error",)
 STATE_VERSION = 1
 Tokenizer = Callable[[list], Mapping[str, np.ndarray]]
-
-
-class SkipFractionError(RuntimeError):
-  """More samples were skipped than data.max_skip_fraction allows: the dataset needs fixing."""
 
 
 def _get(cfg, path: str, default):
@@ -62,15 +60,20 @@ def data_dir(cfg) -> Path:
 
 
 def make_source(cfg):
-  """TarSource over data.data_dir, or the ArrayRecord build when data.source == 'array_record'."""
+  """TarSource over data.data_dir, or the ArrayRecord build when data.source == 'array_record'.
+
+  Bad shards are warned about here and stop the run above data.max_skip_fraction of all shards."""
   kind = _get(cfg, "data.source", "tar")
   if kind == "tar":
     root, _ = resolve_layout(data_dir(cfg))
-    return TarSource(root, cache_dir=_get(cfg, "data.index_cache_dir", "default"))
-  if kind == "array_record":
+    source = TarSource(root, cache_dir=_get(cfg, "data.index_cache_dir", "default"))
+  elif kind == "array_record":
     from cotir_jax.data.tfds_builder import ArrayRecordSource
-    return ArrayRecordSource(_get(cfg, "data.tfds_data_dir", None) or data_dir(cfg))
-  raise ValueError(f"data.source={kind!r}; allowed: 'tar', 'array_record'")
+    source = ArrayRecordSource(_get(cfg, "data.tfds_data_dir", None) or data_dir(cfg))
+  else:
+    raise ValueError(f"data.source={kind!r}; allowed: 'tar', 'array_record'")
+  check_bad_shards(source, float(_get(cfg, "data.max_skip_fraction", 0.01)))
+  return source
 
 
 def make_prompt_bank(cfg) -> P.PromptBank:
@@ -78,7 +81,8 @@ def make_prompt_bank(cfg) -> P.PromptBank:
   _, root = resolve_layout(data_dir(cfg))
   if root is None:
     raise FileNotFoundError(f"no gen_prompt.txt found from data.data_dir={cfg.data.data_dir!r} (spec §14.2)")
-  bank = P.PromptBank(root, P.special_dir_for(root), _get(cfg, "data.missing_prompt", "skip"))
+  bank = P.PromptBank(root, P.special_dir_for(root), _get(cfg, "data.missing_prompt", "skip"),
+                      _get(cfg, "data.prompt_errors", "stop"))
   if not bank.generic:
     raise ValueError(f"{root / 'gen_prompt.txt'} has no prompts")
   return bank
@@ -94,12 +98,13 @@ class SampleFn:
 
   def __init__(self, source, order: StreamOrder, bank: P.PromptBank, *, patch_size: int, seed: int,
                label_from_folder: bool, tokenizers: Mapping[str, Tokenizer], process_index: int,
-               process_count: int):
+               process_count: int, max_pixels: int = MAX_IMAGE_PIXELS):
     self.source, self.order, self.bank = source, order, bank
     self.patch_size, self.seed = int(patch_size), int(seed)
     self.label_from_folder = label_from_folder
     self.tokenizers = dict(tokenizers)
     self.pi, self.pc = process_index, process_count
+    self.max_pixels = int(max_pixels)
 
   def global_position(self, q: int) -> int:
     return q * self.pc + self.pi
@@ -115,7 +120,7 @@ class SampleFn:
     rng = np.random.default_rng(np.random.SeedSequence([self.seed & 0xFFFFFFFF, k, 0x7072]))
     try:
       ex = process_record(rec, patch_size=self.patch_size, bank=self.bank, rng=rng,
-                          label_from_folder=self.label_from_folder)
+                          label_from_folder=self.label_from_folder, max_pixels=self.max_pixels)
     except SkipSample as e:
       return {"_skip": e.reason, "detail": e.detail, "key": rec.key, "shard": rec.shard, **ident}
     texts = [ex[t] for t in TEXT_FIELDS]
@@ -168,6 +173,7 @@ class CotirIterator:
     self.skip_counts.update(dict(counts or {}))
     self.examined = int(examined)
     self.recent_skips: collections.deque = collections.deque(maxlen=32)
+    self.bad_shard_paths: dict[str, str] = dict(getattr(fn.source, "bad_shard_paths", {}))
     ds = _PositionStream(self.next_position, fn, end_position).to_iter_dataset(
         grain.ReadOptions(num_threads=max(1, int(read_threads)),
                           prefetch_buffer_size=max(1, 2 * self.batch_size)))
@@ -182,6 +188,11 @@ class CotirIterator:
   @property
   def skipped(self) -> int:
     return sum(self.skip_counts.values())
+
+  @property
+  def bad_shards(self) -> int:
+    """Shards found bad at start-up (not a sound tar, or no complete sample); see bad_shard_paths."""
+    return len(self.bad_shard_paths)
 
   def __iter__(self):
     return self
@@ -200,7 +211,8 @@ class CotirIterator:
     raise SkipFractionError(
         f"data: {self.skipped} of {self.examined} samples skipped "
         f"({100 * self.skipped / self.examined:.2f}% > data.max_skip_fraction="
-        f"{100 * self.max_skip_fraction:.2f}%); by reason: {per}; last skipped: {last}. "
+        f"{100 * self.max_skip_fraction:.2f}%); by reason: {per}; bad shards: {self.bad_shards}; "
+        f"last skipped: {last}. "
         f"Fix or remove the bad shards (or raise data.max_skip_fraction).")
 
   def __next__(self) -> dict:
@@ -306,7 +318,8 @@ def make_iterator(cfg, stage: int, *, tokenizers: Mapping[str, Tokenizer] | None
   fn = SampleFn(source, order, bank,
                 patch_size=patch_size or int(cfg.training.patch_sizes[stage]),
                 seed=seed, label_from_folder=bool(_get(cfg, "data.return_deg_type", False)),
-                tokenizers=tokenizers or {}, process_index=process_index, process_count=process_count)
+                tokenizers=tokenizers or {}, process_index=process_index, process_count=process_count,
+                max_pixels=int(_get(cfg, "data.max_image_pixels", MAX_IMAGE_PIXELS)))
   return CotirIterator(
       fn, batch_size=batch_size or per_process_batch(cfg, stage, process_count), start_position=start,
       num_workers=int(_get(cfg, "data.num_workers", 0) if num_workers is None else num_workers),

@@ -6,12 +6,16 @@ function of (seed, stream position) instead of upstream's per-worker global `ran
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
+PROMPT_ERRORS = ("stop", "skip")
 GEN_WEIGHTS = (0.8, 0.2)          # (random generic line, first question)
 SPE_WEIGHTS = (0.3, 0.7)          # (question, special prompt)
 LOST_COLOR_SPE_WEIGHTS = (0.8, 0.2)
@@ -23,6 +27,10 @@ class PromptError(Exception):
   def __init__(self, reason: str, message: str):
     super().__init__(message)
     self.reason = reason
+
+
+class PromptFileError(ValueError):
+  """A prompt file is not UTF-8 (data.prompt_errors='stop'); the message names the file and lines."""
 
 
 def normalize_deg(value: str | None) -> str:
@@ -64,8 +72,26 @@ def weighted_pick(options: Sequence[tuple[str | None, float]], rng: np.random.Ge
   return kept[-1][0]
 
 
-def _read_lines(path: Path) -> list[str]:
-  return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+def read_lines(path: Path, on_error: str = "stop") -> list[str]:
+  """Stripped non-blank lines of a UTF-8 file. Lines that are not UTF-8 raise PromptFileError naming the
+  file and lines (on_error='stop') or are dropped with a warning that names them ('skip')."""
+  data = path.read_bytes()
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError:
+    kept, bad = [], []
+    for n, raw in enumerate(data.split(b"\n"), 1):  # b"\n" never occurs inside a UTF-8 sequence
+      try:
+        kept.append(raw.decode("utf-8"))
+      except UnicodeDecodeError as e:
+        bad.append(f"line {n} (byte {raw[e.start:e.start + 1]!r} at column {e.start + 1})")
+    where = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more lines" if len(bad) > 5 else "")
+    msg = f"prompt file {path} is not UTF-8: {where}"
+    if on_error == "stop":
+      raise PromptFileError(f"{msg}; re-save it as UTF-8 or set data.prompt_errors='skip'") from None
+    log.warning("%s; %s skipped (data.prompt_errors='skip')", msg, "line" if len(bad) == 1 else "lines")
+    text = "\n".join(kept)
+  return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 
 def _has_gen(p: Path) -> bool:
@@ -102,45 +128,42 @@ def special_dir_for(root: Path) -> Path | None:
 
 
 class PromptBank:
-  """Generic, per-label and jpeg-type prompt lines, read lazily and cached (picklable for workers).
+  """Generic, per-label and jpeg-type prompt lines (picklable for workers).
 
+  Every prompt file is read here, at start-up, so an undecodable one stops the run before training
+  (prompt_errors='stop') instead of inside a data worker; 'skip' drops its bad lines with a warning.
   missing_prompt='skip' follows issue 5: a known label whose file is missing/empty raises PromptError
   (the sample is skipped and counted). 'fallback' uses upstream's sentence "Please correct <label> issues.".
   """
 
-  def __init__(self, root: Path, special_dir: Path | None, missing_prompt: str = "skip"):
+  def __init__(self, root: Path, special_dir: Path | None, missing_prompt: str = "skip",
+               prompt_errors: str = "stop"):
     if missing_prompt not in ("skip", "fallback"):
       raise ValueError(f"data.missing_prompt={missing_prompt!r}; allowed: 'skip', 'fallback'")
+    if prompt_errors not in PROMPT_ERRORS:
+      raise ValueError(f"data.prompt_errors={prompt_errors!r}; allowed: {PROMPT_ERRORS}")
     self.root = Path(root)
     self.special_dir = special_dir
     self.missing_prompt = missing_prompt
     gen_file = self.root / "gen_prompt.txt"
-    self.generic = _read_lines(gen_file) if gen_file.exists() else []
-    self._special: dict[str, list[str] | PromptError] = {}
-    self._jpeg: dict[str, list[str]] = {}
+    self.generic = read_lines(gen_file, prompt_errors) if gen_file.exists() else []
+    files = sorted(f for f in special_dir.glob("*.txt") if f.is_file()) if special_dir else []
+    self._files: dict[str, list[str]] = {f.name[:-4]: read_lines(f, prompt_errors) for f in files}
 
   def sample_generic(self, rng: np.random.Generator) -> str:
     return self.generic[rng.integers(len(self.generic))] if self.generic else ""
 
   def special_lines(self, label: str) -> list[str]:
     """Lines of spe_prompt/<label>.txt; raises PromptError for a known label without usable lines."""
-    if label not in self._special:
-      lines: list[str] | PromptError = []
-      f = self.special_dir / f"{label}.txt" if self.special_dir else None
-      if f is not None and f.exists():
-        lines = _read_lines(f)
-        if not lines and label != "unknown":
-          lines = PromptError("empty_prompt_file", f"special prompt file {f} is empty for '{label}'")
-      elif label != "unknown":
-        lines = PromptError("missing_prompt_file",
-                            f"special prompt file not found for degradation '{label}': {f}")
-      self._special[label] = lines
-    got = self._special[label]
-    if isinstance(got, PromptError):
-      if self.missing_prompt == "skip":
-        raise got
+    lines = self._files.get(label)
+    if lines or label == "unknown":
+      return lines or []
+    if self.missing_prompt == "fallback":
       return []
-    return got
+    f = self.special_dir / f"{label}.txt" if self.special_dir else None
+    if lines is None:
+      raise PromptError("missing_prompt_file", f"special prompt file not found for degradation '{label}': {f}")
+    raise PromptError("empty_prompt_file", f"special prompt file {f} is empty for '{label}'")
 
   def sample_special(self, label: str, rng: np.random.Generator) -> str | None:
     lines = self.special_lines(label)
@@ -151,10 +174,7 @@ class PromptBank:
     return None
 
   def sample_jpeg(self, jpeg_type: str, rng: np.random.Generator) -> str | None:
-    if jpeg_type not in self._jpeg:
-      f = self.special_dir / f"{jpeg_type}.txt" if self.special_dir else None
-      self._jpeg[jpeg_type] = _read_lines(f) if f is not None and f.exists() else []
-    lines = self._jpeg[jpeg_type]
+    lines = self._files.get(jpeg_type)
     return lines[rng.integers(len(lines))] if lines else None
 
 

@@ -4,6 +4,11 @@ Layout (spec §14.1): `<data_dir>[/image]/<deg_type>/*.tar`, each tar holding `<
 `<key>.lq.png`, `<key>.meta.json`. Records are ordered by (sorted type, sorted shard, first
 appearance of the key in the tar); the ArrayRecord build (`tfds_builder.py`) writes the same order,
 so record i is the same sample in both sources and one sampler drives either.
+
+Start-up checks: entries the loader needs but cannot open (symlink loops, dangling links, permissions)
+stop the run with one DataLayoutError listing them; a shard that is not a sound tar (not a tar at all,
+cut short, garbage after its members) or holds no complete sample is a *bad shard*: listed in one
+warning, exposed as `bad_shard_paths`, and the run stops when they exceed data.max_skip_fraction.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 import tarfile
 import threading
 from pathlib import Path
@@ -18,12 +24,17 @@ from pathlib import Path
 import numpy as np
 
 from cotir_jax.data import prompts as P
-from cotir_jax.data.decode import RawRecord
+from cotir_jax.data.decode import RawRecord, SkipFractionError
 
 log = logging.getLogger(__name__)
 
 MEMBERS = ("hq.png", "lq.png", "meta.json")
-_INDEX_VERSION = 1
+_INDEX_VERSION = 2
+_MAX_TAIL_READ = 1 << 20  # bytes past the last member checked for being end-of-archive zero padding
+
+
+class DataLayoutError(RuntimeError):
+  """Entries under the shard root cannot be opened; the message lists every such path and why."""
 
 
 def resolve_layout(data_dir: str | os.PathLike) -> tuple[Path, Path | None]:
@@ -54,12 +65,38 @@ def resolve_layout(data_dir: str | os.PathLike) -> tuple[Path, Path | None]:
 
 
 def list_shards(root: Path) -> dict[str, list[Path]]:
-  """{deg_type: sorted *.tar} for every sub-folder that has shards, types sorted by name."""
-  out = {}
-  for d in sorted(p for p in root.iterdir() if p.is_dir()):
-    tars = sorted(d.glob("*.tar"))
-    if tars:
-      out[d.name] = tars
+  """{deg_type: sorted *.tar} for every sub-folder that has shards, types sorted by name.
+
+  Every type folder and shard is opened once here; those that cannot be (symlink loops, dangling
+  links, permissions) raise one DataLayoutError naming them all instead of a bare OSError later.
+  """
+  out, problems = {}, []
+
+  def opens(p: Path, is_dir: bool) -> bool:
+    try:
+      if is_dir:
+        os.scandir(p).close()
+      else:
+        os.close(os.open(p, os.O_RDONLY))
+      return True
+    except OSError as e:
+      problems.append(f"{p}: {e.strerror or e}")
+      return False
+
+  for d in sorted(root.iterdir()) if opens(root, True) else []:
+    try:
+      if not stat.S_ISDIR(d.stat().st_mode):
+        continue
+    except OSError as e:  # a loop or dangling link where a type folder may be meant
+      problems.append(f"{d}: {e.strerror or e}")
+      continue
+    if opens(d, True):
+      tars = [t for t in sorted(d.glob("*.tar")) if opens(t, False)]
+      if tars:
+        out[d.name] = tars
+  if problems:
+    raise DataLayoutError(f"{len(problems)} entries under {root} cannot be read: " + "; ".join(problems)
+                          + ". Fix or remove them.")
   if not out:
     raise FileNotFoundError(f"no <deg_type>/*.tar shards under {root}")
   return out
@@ -69,21 +106,36 @@ def default_cache_dir() -> Path:
   return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cotir_jax" / "tar_index"
 
 
+def _tail_problem(f, end: int, file_size: int) -> str:
+  """Past its last member a tar holds only zero blocks (end marker, record padding): anything else is a
+  header cut short, garbage where a header should be, or data appended after the end."""
+  if end >= file_size:
+    return ""
+  f.seek(end)
+  if not f.read(min(file_size - end, _MAX_TAIL_READ)).strip(b"\0"):
+    return ""
+  return f"{file_size - end} bytes from offset {end} are not a tar header (cut header or trailing garbage)"
+
+
 def scan_tar(path: Path):
-  """Member offsets from the tar headers (data is never read). Returns (keys, offsets[n,3], sizes[n,3],
-  truncated[n]); size -1 = member absent. A tar cut short keeps what precedes the cut, flagged."""
+  """Member offsets from the tar headers (member data is never read). Returns (keys, offsets[n,3],
+  sizes[n,3], truncated[n], problem); size -1 = member absent; problem is '' for a sound shard, else why
+  it is bad. A tar cut short keeps what precedes the cut, flagged."""
   file_size = path.stat().st_size
   groups: dict[str, list] = {}
   order: list[str] = []
+  problems: list[str] = []
   try:
     with tarfile.open(path, "r:") as tf:
       while True:
         try:
           m = tf.next()
-        except tarfile.ReadError as e:  # garbage or a cut inside a header: keep what we have
-          log.warning("tar %s: header scan stopped: %s", path, e)
+        except tarfile.ReadError as e:  # a cut inside member data, or a broken later header
+          if not any(g[2] for g in groups.values()):  # a cut member is reported below
+            problems.append(f"header scan stopped at offset {tf.offset}: {e}")
           break
-        if m is None:
+        if m is None:  # tarfile also ends here, silently, on a cut or garbage header
+          problems.append(_tail_problem(tf.fileobj, tf.offset, file_size))
           break
         if not m.isfile():
           continue
@@ -103,14 +155,18 @@ def scan_tar(path: Path):
         g[0][j], g[1][j] = m.offset_data, m.size
         if m.offset_data + m.size > file_size:
           g[2] = True
+          problems.append(f"cut short inside {m.name} ({m.size} bytes from offset {m.offset_data}, "
+                          f"file has {file_size})")
   except tarfile.ReadError as e:  # not even a first header
-    log.warning("tar %s unreadable: %s", path, e)
+    problems.append(f"not a tar archive ({e})")
   n = len(order)
   keys = np.array(order, dtype=np.str_) if n else np.zeros((0,), dtype="<U1")
   offsets = np.array([groups[k][0] for k in order], dtype=np.int64).reshape(n, 3)
   sizes = np.array([groups[k][1] for k in order], dtype=np.int64).reshape(n, 3)
   truncated = np.array([groups[k][2] for k in order], dtype=bool).reshape(n)
-  return keys, offsets, sizes, truncated
+  if not ((sizes >= 0).all(1) & ~truncated).any() and (n or not any(problems)):  # unless said already
+    problems.append(f"no complete sample (<key>.{{{','.join(MEMBERS)}}}) among {n} keys")
+  return keys, offsets, sizes, truncated, "; ".join(p for p in problems if p)
 
 
 def load_index(path: Path, cache_dir: Path | None):
@@ -125,26 +181,45 @@ def load_index(path: Path, cache_dir: Path | None):
       try:
         with np.load(cache) as z:
           if np.array_equal(z["stamp"], stamp):
-            return z["keys"], z["offsets"], z["sizes"], z["truncated"]
+            return z["keys"], z["offsets"], z["sizes"], z["truncated"], str(z["problem"])
       except Exception as e:  # a broken cache is only a cache
         log.warning("ignoring index cache %s: %s", cache, e)
-  keys, offsets, sizes, truncated = scan_tar(path)
+  keys, offsets, sizes, truncated, problem = scan_tar(path)
   if cache is not None:
     try:
       cache.parent.mkdir(parents=True, exist_ok=True)
       tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
-      np.savez(tmp, stamp=stamp, keys=keys, offsets=offsets, sizes=sizes, truncated=truncated)
+      np.savez(tmp, stamp=stamp, keys=keys, offsets=offsets, sizes=sizes, truncated=truncated,
+               problem=np.str_(problem))
       os.replace(tmp, cache)
     except OSError as e:
       log.warning("cannot write index cache %s: %s", cache, e)
-  return keys, offsets, sizes, truncated
+  return keys, offsets, sizes, truncated, problem
+
+
+def check_bad_shards(source, max_fraction: float) -> None:
+  """One start-up warning listing the source's bad shards; SkipFractionError when they are more than
+  max_fraction (data.max_skip_fraction) of all its shards."""
+  bad = getattr(source, "bad_shard_paths", {})
+  if not bad:
+    return
+  total = source.num_shards
+  listing = [f"{p}: {why}" for p, why in bad.items()]
+  log.warning("data: %d of %d shards are bad (their intact samples are still used): %s", len(bad), total,
+              "; ".join(listing))
+  if len(bad) > max_fraction * total:
+    first = "; ".join(listing[:10]) + ("" if len(bad) <= 10 else f"; ... (all {len(bad)} in the warning above)")
+    raise SkipFractionError(
+        f"data: {len(bad)} of {total} shards are bad ({100 * len(bad) / total:.2f}% > data.max_skip_fraction="
+        f"{100 * max_fraction:.2f}%): {first}. Fix or remove the bad shards (or raise data.max_skip_fraction).")
 
 
 class TarSource:
   """grain RandomAccessDataSource of RawRecord over the tars in place (one pread per member).
 
   Attributes used by the sampler: `types` (sorted names) and `type_ranges` {type: (start, count)}:
-  records of one type are contiguous.
+  records of one type are contiguous. `bad_shard_paths` {path: problem} lists the bad shards found at
+  start-up (see scan_tar) out of `num_shards`.
   """
 
   def __init__(self, root: str | os.PathLike, cache_dir: str | os.PathLike | None = "default"):
@@ -153,13 +228,16 @@ class TarSource:
     cache = default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None)
     self.shard_paths: list[str] = []
     self.shard_names: list[str] = []
+    self.bad_shard_paths: dict[str, str] = {}
     parts = []
     self.type_ranges: dict[str, tuple[int, int]] = {}
     start = 0
     for t, tars in shards.items():
       count = 0
       for tar in tars:
-        keys, offsets, sizes, trunc = load_index(tar, cache)
+        keys, offsets, sizes, trunc, problem = load_index(tar, cache)
+        if problem:
+          self.bad_shard_paths[str(tar)] = problem
         sid = len(self.shard_paths)
         self.shard_paths.append(str(tar))
         self.shard_names.append(f"{t}/{tar.name}")
@@ -168,6 +246,7 @@ class TarSource:
       self.type_ranges[t] = (start, count)
       start += count
     self.types = list(self.type_ranges)
+    self.num_shards = len(self.shard_paths)
     self.shard_type = [n.split("/", 1)[0] for n in self.shard_names]
     self._shard = np.concatenate([p[0] for p in parts])
     self._keys = np.concatenate([p[1].astype(np.str_) for p in parts])

@@ -2,7 +2,9 @@
 
 Records are written unshuffled in TarSource order and hold the raw PNG/JSON bytes (absent members as
 empty bytes plus a presence mask, a cut tar as `truncated`), so decoding, prompt picking and skip
-accounting are the same code for both sources and give identical samples. Works without TensorFlow
+accounting are the same code for both sources and give identical samples; the tars' bad shards (see
+sources.py) are warned about at build time and kept in the metadata, so a run on the build reports and
+checks them as a run on the tars does. Works without TensorFlow
 (TFDS's array_record path). Build:
 
   python -m cotir_jax.data.tfds_builder --source data/sample --out ~/tensorflow_datasets
@@ -19,7 +21,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from cotir_jax.data.decode import RawRecord
-from cotir_jax.data.sources import TarSource, resolve_layout
+from cotir_jax.data.sources import TarSource, check_bad_shards, resolve_layout
 
 
 class CotirBench(tfds.core.GeneratorBasedBuilder):
@@ -42,6 +44,7 @@ class CotirBench(tfds.core.GeneratorBasedBuilder):
     if self._source is None:
       root, _ = resolve_layout(os.fspath(manual_dir))
       self._source = TarSource(root, cache_dir=self._tar_index_cache or "default")
+      check_bad_shards(self._source, max_fraction=1.0)  # warn only: the run applies data.max_skip_fraction
     return self._source
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -66,6 +69,8 @@ class CotirBench(tfds.core.GeneratorBasedBuilder):
     src = self._tar_source(dl_manager.manual_dir)
     self.info.metadata["types"] = list(src.types)
     self.info.metadata["counts"] = [src.type_ranges[t][1] for t in src.types]
+    self.info.metadata["num_shards"] = src.num_shards
+    self.info.metadata["bad_shards"] = dict(src.bad_shard_paths)
     return {"train": self._generate_examples(src)}
 
   def _generate_examples(self, src: TarSource):
@@ -103,6 +108,8 @@ class ArrayRecordSource:
     b = CotirBench(data_dir=self.data_dir, file_format="array_record")
     self._ds = b.as_data_source(split=self.split)
     types, counts = list(b.info.metadata["types"]), list(b.info.metadata["counts"])
+    self.num_shards = int(b.info.metadata.get("num_shards", 0))
+    self.bad_shard_paths = dict(b.info.metadata.get("bad_shards", {}))
     self.types = types
     self.type_ranges, start = {}, 0
     for t, c in zip(types, counts):
