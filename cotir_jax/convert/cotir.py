@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Mapping
 
 import jax
@@ -99,8 +100,8 @@ class _TorchTensors(Mapping):
 
   def __init__(self, path: str):
     import torch
-    try:
-      sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:  # mmap needs torch's zip format; pre-1.6 files (torchvision's AlexNet) load whole
+      sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # noqa: BLE001 — any unpickling failure is a bad file
       raise ConversionError(f"{path}: cannot read as a torch.save state dict ({e})") from None
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
