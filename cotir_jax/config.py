@@ -24,7 +24,7 @@ from ml_collections import config_dict
 FAMILIES = ("flux2", "flux1")
 COMPAT_MODES = ("default", "upstream")
 LORA_INITS = ("zeros", "upstream")
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")  # see models/attention.py
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16")
 MIXING = ("balanced", "shuffle")
@@ -124,7 +124,10 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   c.model.pretrained = config_dict.placeholder(str)  # converted Orbax base checkpoint
   c.model.dtype = "bfloat16"        # compute dtype of matmuls (float32 accumulation)
   c.model.param_dtype = "bfloat16"  # frozen base weights
-  c.model.attention = "xla"         # jax.nn.dot_product_attention implementation
+  # "xla" (any device), "cudnn" (fused GPU kernel) or "splash" (TPU Pallas kernel; models/attention.py)
+  c.model.attention = "xla"
+  c.model.attention_block_q = 512   # splash query / key tile sizes: upper bounds, multiples of 128
+  c.model.attention_block_kv = 512
   c.model.scan_layers = True
   c.model.remat_policy = "full"
   c.model.cot_adapter = ml_collections.ConfigDict()
@@ -260,6 +263,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   choose("model.family", m.family, FAMILIES)
   choose("model.lora.init", m.lora.init, LORA_INITS)
   choose("model.attention", m.attention, ATTENTION_IMPLS)
+  for name in ("attention_block_q", "attention_block_kv"):
+    if not isinstance(m[name], int) or m[name] < 128 or m[name] % 128:
+      raise ConfigError(f"model.{name}={m[name]!r} must be a positive multiple of 128")
   choose("model.remat_policy", m.remat_policy, REMAT_POLICIES)
   choose("model.dtype", m.dtype, DTYPES)
   choose("model.param_dtype", m.param_dtype, DTYPES)

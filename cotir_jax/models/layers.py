@@ -209,14 +209,14 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return out.reshape(x.shape).astype(x.dtype)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "xla") -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation="xla") -> jax.Array:
   """Unmasked attention of q [B, Lq, H, D] over k, v [B, Lk, H, D] → [B, Lq, H·D].
 
-  `implementation` is passed to `jax.nn.dot_product_attention` ("xla" everywhere, "cudnn"
-  for the fused GPU kernel); scale 1/sqrt(D), no mask (spec §2).
+  `implementation`: a `model.attention` name ("xla", "cudnn", "splash") or an
+  `attention.AttentionSpec` with the kernel's block sizes; scale 1/sqrt(D), no mask (spec §2).
   """
-  out = jax.nn.dot_product_attention(q, k, v, implementation=None if implementation == "xla"
-                                     else implementation)
+  from cotir_jax.models import attention as kernels  # local: `attention` is a function here
+  out = kernels.attend(q, k, v, implementation)
   return out.reshape(*out.shape[:2], -1)
 
 

@@ -6,6 +6,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from cotir_jax.models.attention import AttentionSpec
 from cotir_jax.models.layers import dtype_of
 
 
@@ -39,7 +40,7 @@ class ModelSpec:
   param_dtype: object
   trainable_dtype: object  # LoRA + adapter: float32 masters, bfloat16 under compat="upstream"
   upstream: bool           # compat="upstream": bf16 ids / RoPE / timesteps (spec §12)
-  attention: str
+  attention: AttentionSpec | str  # a bare name: default block sizes
   remat: str
   scan_layers: bool
 
@@ -70,7 +71,7 @@ class ModelSpec:
         lora=LoRASpec(lora.rank, float(lora.scale), lora.init) if lora.enabled else None,
         dtype=dtype_of(m.dtype), param_dtype=dtype_of(m.param_dtype),
         trainable_dtype=jnp.bfloat16 if upstream else jnp.float32, upstream=upstream,
-        attention=m.attention, remat=m.remat_policy, scan_layers=bool(m.scan_layers))
+        attention=AttentionSpec.from_config(m), remat=m.remat_policy, scan_layers=bool(m.scan_layers))
 
   def replace(self, **kw) -> "ModelSpec":
     return dataclasses.replace(self, **kw)

@@ -1,0 +1,194 @@
+"""Attention kernels behind `model.attention` (models/attention.py) against the XLA path.
+
+Splash runs its real Pallas kernel code on CPU in interpret mode (small shapes: the interpreter
+is slow); the TPU test compiles it ahead of time for a v5e topology at a full-size shape; the
+cuDNN test needs a CUDA GPU.
+"""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from cotir_jax import config
+from cotir_jax.models import attention, layers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+XLA = attention.AttentionSpec("xla")
+SPLASH = attention.AttentionSpec("splash", block_q=128, block_kv=128, interpret=True)
+# An interpreted kernel is a large CPU program: skipping LLVM's optimisations halves its compile.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def _qkv(b, lq, lk, h, d, dtype):
+  rng = np.random.default_rng(0)
+  return tuple(jnp.asarray(rng.normal(size=(b, n, h, d)), dtype) for n in (lq, lk, lk))
+
+
+def _value_and_grads(spec, q, k, v):
+  """layers.attend's output and the gradients of a fixed random projection of it."""
+  b, lq, h, d = q.shape
+  w = np.random.default_rng(1).normal(size=(b, lq, h * d)).astype(np.float32)
+
+  def loss(q, k, v):
+    out = layers.attend(q, k, v, spec)
+    return jnp.sum(out.astype(jnp.float32) * w), out
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)).lower(q, k, v)
+  (_, out), grads = step.compile(FAST_COMPILE)(q, k, v)
+  return [np.asarray(x, np.float32) for x in (out, *grads)]
+
+
+def _rel(a, ref):
+  return float(np.max(np.abs(a - ref)) / np.max(np.abs(ref)))
+
+
+# Lengths 200 and 72 are not multiples of the 128 block: keys and queries are padded.
+@pytest.mark.parametrize("lq,lk", [(200, 200), (72, 200)], ids=["self", "cross"])
+def test_splash_matches_xla_float32(lq, lk):
+  q, k, v = _qkv(1, lq, lk, 2, 64, jnp.float32)
+  for name, a, ref in zip(("out", "dq", "dk", "dv"), _value_and_grads(SPLASH, q, k, v),
+                          _value_and_grads(XLA, q, k, v)):
+    assert a.shape == ref.shape
+    assert _rel(a, ref) <= 2e-5, (name, _rel(a, ref))
+
+
+def test_splash_matches_xla_bfloat16():
+  """In bf16 both paths round; splash must be as close to the float32 result as XLA is."""
+  q, k, v = _qkv(1, 72, 200, 1, 64, jnp.bfloat16)
+  exact = _value_and_grads(XLA, *(x.astype(jnp.float32) for x in (q, k, v)))
+  for name, a, ref, truth in zip(("out", "dq", "dk", "dv"), _value_and_grads(SPLASH, q, k, v),
+                                 _value_and_grads(XLA, q, k, v), exact):
+    assert _rel(a, truth) <= 2 * _rel(ref, truth) + 1e-3, (name, _rel(a, truth), _rel(ref, truth))
+
+
+def test_fit_block():
+  assert attention.fit_block(2560, 512) == 512
+  assert attention.fit_block(640, 512) == 128   # 640 = 5·128: no padding beyond 128 tokens
+  assert attention.fit_block(1024, 512) == 512
+  assert attention.fit_block(256, 512) == 256   # short sequences: one block
+  with pytest.raises(ValueError, match="multiple of 128"):
+    attention.fit_block(256, 100)
+
+
+def test_kernel_partition():
+  mesh = jax.sharding.AbstractMesh((1, 2, 2), ("data", "fsdp", "tensor"))
+  assert attention.kernel_partition(mesh, 4, 24) == P(("data", "fsdp"), None, "tensor")
+  assert attention.kernel_partition(mesh, 3, 5) == P(None, None, None)  # not divisible: replicated
+  assert attention.kernel_partition(mesh, 4, 24, head_axis=None) == P(("data", "fsdp"), None, None)
+
+
+def test_config_fields():
+  cfg = config.load(os.path.join(REPO, "configs/tiny.py"),
+                    ["model.attention=splash", "model.attention_block_q=256"])
+  spec = attention.AttentionSpec.from_config(cfg.model)
+  assert (spec.implementation, spec.block_q, spec.block_kv) == ("splash", 256, 512)
+  with pytest.raises(config.ConfigError, match="model.attention='flash'.*splash"):
+    config.load(os.path.join(REPO, "configs/tiny.py"), ["model.attention=flash"])
+  with pytest.raises(config.ConfigError, match="model.attention_block_kv=200"):
+    config.load(os.path.join(REPO, "configs/tiny.py"), ["model.attention_block_kv=200"])
+
+
+_SHARDED = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from cotir_jax.models import attention
+    mesh = Mesh(np.array(jax.devices()).reshape(1, 2, 2), ("data", "fsdp", "tensor"))
+    rng = np.random.default_rng(0)
+    sh = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
+    q, k, v = (jax.device_put(rng.normal(size=(2, n, 2, 64)).astype(np.float32), sh)
+               for n in (72, 200, 200))
+    def run(spec):
+      loss = lambda q, k, v: jnp.sum(jnp.sin(attention.attend(q, k, v, spec)))
+      step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(q, k, v)
+      return step.compile({"xla_backend_optimization_level": 0})(q, k, v)
+    with jax.set_mesh(mesh):  # the ambient mesh: the kernel is shard_mapped over it
+      got = run(attention.AttentionSpec("splash", 128, 128, interpret=True))
+    want = run(attention.AttentionSpec("xla"))
+    assert got[1][0].sharding.spec == sh.spec, got[1][0].sharding
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      err = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+      assert err <= 2e-5, err
+    print("SHARDED_OK")
+""")
+
+
+def test_splash_under_a_mesh_on_4_devices():
+  """Batch over fsdp and heads over tensor: shard_map runs the kernel per shard."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  r = subprocess.run([sys.executable, "-c", "import jax; jax.config.update("
+                      "'jax_default_matmul_precision', 'highest')\n" + _SHARDED],
+                     cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0 and "SHARDED_OK" in r.stdout, r.stdout + r.stderr[-3000:]
+
+
+FULL = (2, 2560, 24, 128)  # B, L (512 text + 2·(512/16)² image tokens), heads, head dim
+
+
+def _compile_for_v5e(monkeypatch, implementation: str, grad: bool, mesh_shape=(1, 2, 2)):
+  """AOT-compiles one bf16 attention at the FULL shape for v5e chips: batch over (data, fsdp),
+  heads over tensor. `grad`: forward + backward to q, k, v."""
+  pytest.importorskip("libtpu", reason="libtpu is needed to compile for a TPU topology")
+  from jax.experimental import topologies
+  from jax.sharding import Mesh, NamedSharding
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")  # quiets libtpu's host probing
+  monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no chip is used: share libtpu's lock
+  topo = topologies.get_topology_desc("v5e:2x2", "tpu")
+  devices = np.array(topo.devices[:math.prod(mesh_shape)]).reshape(mesh_shape)
+  mesh = Mesh(devices, ("data", "fsdp", "tensor"))
+  sh = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
+  args = [jax.ShapeDtypeStruct(FULL, jnp.bfloat16, sharding=sh)] * 3
+  spec = attention.AttentionSpec(implementation)
+  fn = lambda q, k, v: attention.attend(q, k, v, spec)
+  if grad:
+    fn = jax.grad(lambda q, k, v: jnp.sum(attention.attend(q, k, v, spec).astype(jnp.float32)),
+                  argnums=(0, 1, 2))
+  # conftest's "highest" would ask Mosaic for fp32 contraction of bf16 operands, which it rejects.
+  with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
+    return jax.jit(fn).lower(*args).compile()
+
+
+def test_splash_compiles_for_tpu_v5e(monkeypatch):
+  """Forward + backward compile for real TPUs on a 2x2 mesh, with no [B, H, L, L] scores."""
+  compiled = _compile_for_v5e(monkeypatch, "splash", grad=True)
+  assert "tpu_custom_call" in compiled.as_text()
+  b, l, h, _ = FULL
+  scores_per_chip = b * h * l * l * 4 // 4  # float32 scores of one chip's quarter
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert temp < scores_per_chip // 16, (temp, scores_per_chip)
+
+
+@pytest.mark.benchmark
+def test_attention_memory_on_v5e(monkeypatch):
+  """Compiled temp memory of one FULL attention on one v5e chip, xla vs splash."""
+  for grad in (False, True):
+    temp = {impl: _compile_for_v5e(monkeypatch, impl, grad, (1, 1, 1)).memory_analysis()
+            .temp_size_in_bytes for impl in ("xla", "splash")}
+    print(f"{'fwd+bwd' if grad else 'fwd'}: " + ", ".join(f"{k} {v / 2**20:.1f} MiB"
+                                                          for k, v in temp.items()))
+    assert temp["splash"] < temp["xla"] // 8, temp
+
+
+def _has_cuda() -> bool:
+  try:
+    return bool(jax.devices("cuda"))
+  except RuntimeError:
+    return False
+
+
+@pytest.mark.skipif(not _has_cuda(), reason="cuDNN attention needs a CUDA GPU visible to JAX "
+                    "(conftest pins JAX_PLATFORMS=cpu unless set: run with JAX_PLATFORMS=cuda,cpu)")
+def test_cudnn_matches_xla():
+  q, k, v = jax.device_put(_qkv(2, 72, 200, 2, 64, jnp.bfloat16), jax.devices("cuda")[0])
+  exact = _value_and_grads(XLA, *(x.astype(jnp.float32) for x in (q, k, v)))
+  for name, a, ref, truth in zip(("out", "dq", "dk", "dv"),
+                                 _value_and_grads(attention.AttentionSpec("cudnn"), q, k, v),
+                                 _value_and_grads(XLA, q, k, v), exact):
+    assert _rel(a, truth) <= 2 * _rel(ref, truth) + 1e-3, (name, _rel(a, truth), _rel(ref, truth))
