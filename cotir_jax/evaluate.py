@@ -182,8 +182,12 @@ def main(argv=None) -> int:
       raise EvaluationError(f"no folder with images under {args.results}")
     lpips_model = None
     if "lpips" in metrics:
+      from cotir_jax.convert import ConversionError
       from cotir_jax.convert.lpips import load_lpips
-      lpips_model = load_lpips(args.lpips_weights, args.alexnet_weights)
+      try:
+        lpips_model = load_lpips(args.lpips_weights, args.alexnet_weights)
+      except ConversionError as e:
+        raise EvaluationError(f"{e} (or leave LPIPS out: --metrics psnr,ssim)") from None
     scorer = make_scorer(metrics, lpips_model)
     for run in runs:
       rows, means = evaluate_run(run, args.reference, metrics, scorer)

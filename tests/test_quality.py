@@ -200,7 +200,7 @@ def _write_png(path, array):
   Image.fromarray(array).save(path)
 
 
-def test_evaluate_cli(tmp_path, capsys):
+def test_evaluate_cli(tmp_path, capsys, monkeypatch):
   """restore's layout (<out>/{vague,precise,reference}); grey and RGBA inputs become RGB."""
   lin_path, alexnet_path, trunk, lins = _lpips_files(tmp_path)
   rng = np.random.default_rng(0)
@@ -248,6 +248,10 @@ def test_evaluate_cli(tmp_path, capsys):
   assert (out / "precise" / evaluate.SUMMARY_NAME).read_text().startswith("method & psnr & ssim\n")
   assert evaluate.main(argv + ["--metrics", "psnr,niqe"]) == 1
   assert "unknown ['niqe']" in capsys.readouterr().err
+  monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+  assert evaluate.main(argv[:4]) == 1  # LPIPS by default, weights nowhere
+  err = capsys.readouterr().err
+  assert "pass --alexnet_weights" in err and "--metrics psnr,ssim" in err
   _write_png(out / "precise" / "a.png", hq["a.png"][:, :40])
   assert evaluate.main(argv + ["--metrics", "psnr"]) == 1
   assert "a.png: result is 40×36 but the reference is 44×36" in capsys.readouterr().err
