@@ -68,6 +68,15 @@ def test_splash_matches_xla_bfloat16():
     assert _rel(a, truth) <= 2 * _rel(ref, truth) + 1e-3, (name, _rel(a, truth), _rel(ref, truth))
 
 
+def test_splash_residuals_are_named_for_remat():
+  """A policy saving attention.RESIDUALS keeps the kernel's output and log-sum-exp."""
+  q, k, v = _qkv(1, 128, 128, 1, 64, jnp.float32)
+  policy = jax.checkpoint_policies.save_only_these_names(attention.RESIDUALS)
+  f = jax.checkpoint(lambda q, k, v: jnp.sum(attention.attend(q, k, v, SPLASH)), policy=policy)
+  jaxpr = jax.make_jaxpr(jax.value_and_grad(f))(q, k, v)
+  assert str(jaxpr).count(f"name={attention.RESIDUALS}") == 2  # out and logsumexp
+
+
 def test_fit_block():
   assert attention.fit_block(2560, 512) == 512
   assert attention.fit_block(640, 512) == 128   # 640 = 5·128: no padding beyond 128 tokens

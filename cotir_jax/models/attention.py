@@ -41,6 +41,9 @@ from cotir_jax.config import ATTENTION_IMPLS
 from cotir_jax.sharding import BATCH_AXES
 
 LANES = 128  # the TPU vector width: splash blocks and padded lengths are multiples of it
+# `checkpoint_name` of the splash residuals (its output and log-sum-exp): a remat policy that
+# saves this name keeps the backward pass from re-running the forward kernel.
+RESIDUALS = "attention_residuals"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +133,7 @@ def _splash_local(q, k, v, block_q: int, block_kv: int, interpret: bool):
                          block_q_dq=bq, block_kv_dq=bkv)
   mask = sm.MultiHeadMask([sm.FullMask((lq_pad, lk_pad))] * h)
   kernel = sk.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
-                              interpret=interpret)
+                              residual_checkpoint_name=RESIDUALS, interpret=interpret)
   def heads_major(x, length):
     return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
 
