@@ -672,19 +672,17 @@ def _adapter_block(s, n_txt, rows):
   return ops
 
 
-def _encoder_layer(rows, d, qkv_out, kv_out, mlp, mlp_in_layers, attn_width, key_rows=None):
+def _encoder_layer(rows, d, qkv_out, kv_out, mlp, mlp_in_layers, attn_width):
   """A frozen text-encoder layer (forward only): q/k/v/o projections, attention, MLP."""
   return (_dense("q", rows, d, qkv_out) + _dense("k", rows, d, kv_out)
           + _dense("v", rows, d, kv_out) + _dense("o", rows, qkv_out, d)
-          + _attention(rows, key_rows or rows, attn_width, grad=False, deps=())
+          + _attention(rows, rows, attn_width, grad=False, deps=())
           + [op for i in range(mlp_in_layers) for op in _dense(f"in{i}", rows, d, mlp)]
           + _dense("out", rows, mlp, d))
 
 
-def _text_encoder(tcfg, rows):
+def _text_encoder(t, rows):
   """Forward FLOPs of one sequence of `rows` tokens through a frozen Qwen3 / T5 / CLIP."""
-  from cotir_jax.models.text import text_config
-  t = text_config(tcfg)
   if t.model_type == "qwen3":
     layer = _encoder_layer(rows, t.hidden_size, t.num_attention_heads * t.head_dim,
                            t.num_key_value_heads * t.head_dim, t.intermediate_size, 2,
@@ -766,6 +764,8 @@ def analytic_flops(cfg, patch_size: int, batch: int) -> FlopCount:
   describes the upstream architecture the checkpoint holds.
   """
   from cotir_jax.models.spec import ModelSpec
+  from cotir_jax.models.text import text_config
+  from cotir_jax.train.modules import CLIP_LENGTH
   s = ModelSpec.from_config(cfg.model)
   n_img = 2 * (patch_size // 16) ** 2
   n_txt = int(cfg.data.max_length)
@@ -780,9 +780,9 @@ def analytic_flops(cfg, patch_size: int, batch: int) -> FlopCount:
 
   m = cfg.model
   flops[("vae", "forward")] += 2 * _vae_encode(m.vae, patch_size)
-  flops[("text_encoder", "forward")] += 4 * _text_encoder(m.text_encoder, n_txt)
+  flops[("text_encoder", "forward")] += 4 * _text_encoder(text_config(m.text_encoder), n_txt)
   if "clip" in m:
-    flops[("clip", "forward")] += _text_encoder(m.clip, 77)
+    flops[("clip", "forward")] += _text_encoder(text_config(m.clip), CLIP_LENGTH)
 
   embed = (_dense("img_in", n_img, s.in_channels, h) + _dense("txt_in", n_txt, s.context_in_dim, h)
            + _dense("time_in", 1, 256, h) + _dense("time_out", 1, h, h))
