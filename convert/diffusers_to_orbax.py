@@ -1,8 +1,10 @@
-"""python convert/diffusers_to_orbax.py --src <HF repo dir> --out <dir> [--dtype bfloat16|float32]
+"""python convert/diffusers_to_orbax.py --src <HF repo dir> [--transformer <BFL file>] --out <dir> [--dtype bfloat16|float32]
 
 Converts a FLUX.2-klein or FLUX.1-Kontext diffusers repository (or, with a bare transformer
 directory, just the transformer) into one Orbax checkpoint of the frozen base weights plus
-manifest.json and the tokenizers (layout: `cotir_jax.convert.base`).
+manifest.json and the tokenizers (layout: `cotir_jax.convert.base`). `--transformer` reads the
+transformer from BFL's single file instead (flux-2-klein-4b.safetensors, flux-2-klein-9b.safetensors,
+flux1-kontext-dev.safetensors); the VAE, text encoders and tokenizers still come from --src.
 """
 
 import argparse
@@ -15,7 +17,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host work
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--src", required=True, help="diffusers repo dir (or bare transformer/ dir)")
+  p.add_argument("--src", default=None, help="diffusers repo dir (or bare transformer/ dir)")
+  p.add_argument("--transformer", default=None,
+                 help="BFL single-file transformer used instead of <src>/transformer/")
   p.add_argument("--out", required=True, help="output directory (must not exist)")
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   p.add_argument("--only", nargs="+", default=None,
@@ -24,10 +28,13 @@ def main(argv=None):
                  help="Qwen3 hidden states fed to the transformer (default 9 18 27)")
   p.add_argument("--overwrite", action="store_true")
   args = p.parse_args(argv)
+  if args.src is None and args.transformer is None:
+    p.error("give --src (a diffusers repository) and/or --transformer (a BFL single file)")
   from cotir_jax.convert import ConversionError, diffusers_to_orbax
   try:
-    m = diffusers_to_orbax(args.src, args.out, args.dtype, only=args.only,
-                           hidden_layers=args.hidden_layers, overwrite=args.overwrite)
+    m = diffusers_to_orbax(args.src, args.out, args.dtype, transformer=args.transformer,
+                           only=args.only, hidden_layers=args.hidden_layers,
+                           overwrite=args.overwrite)
   except (ConversionError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -12,7 +12,10 @@ Accepted source layouts (diffusers `save_pretrained` / Hugging Face snapshots):
   (AutoencoderKLFlux2), `text_encoder/` (Qwen3), `tokenizer/`;
 - FLUX.1-Kontext: `transformer/` (FluxTransformer2DModel), `vae/` (AutoencoderKL),
   `text_encoder/` (CLIP text), `text_encoder_2/` (T5 encoder), `tokenizer/`, `tokenizer_2/`;
-- a bare diffusers transformer directory (config.json + safetensors): transformer only.
+- a bare diffusers transformer directory (config.json + safetensors): transformer only;
+- a BFL single-file transformer (`flux-2-klein-4b.safetensors`, `flux-2-klein-9b.safetensors`,
+  `flux1-kontext-dev.safetensors`; `convert.bfl`) in place of `transformer/`, with the other
+  modules from one of the repositories above (the Hugging Face repos ship both).
 
 Output layout (`<out>/`, written in a temporary sibling and renamed at the end):
 
@@ -46,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cotir_jax.convert import orbax_io
+from cotir_jax.convert import bfl, orbax_io
 from cotir_jax.convert.core import ConversionError, flat_params, import_params, materialize
 from cotir_jax.convert.flux import CLASSES as TRANSFORMER_CLASSES
 from cotir_jax.convert.flux import spec_from_diffusers, transformer_rules
@@ -197,8 +200,11 @@ def _module_builder(kind: str, config: dict, *, source: str, param_dtype, comput
   raise ValueError(f"unknown module kind {kind!r}")
 
 
-def _rules(kind: str, our_cfg, keys, config: dict):
-  """(rule table, ignore patterns) of one module kind."""
+def _rules(kind: str, our_cfg, keys, config: dict, from_bfl: bool = False):
+  """(rule table, ignore patterns) of one module kind (a transformer in BFL or diffusers names)."""
+  if kind == "transformer" and from_bfl:
+    return bfl.transformer_rules(our_cfg.family, guidance_embed=our_cfg.guidance_embed,
+                                 key_prefix=bfl.key_prefix(keys)), ()
   if kind == "transformer":
     return transformer_rules(our_cfg.family, guidance_embed=our_cfg.guidance_embed), ()
   if kind == "vae":
@@ -210,10 +216,31 @@ def _rules(kind: str, our_cfg, keys, config: dict):
 
 # ----------------------------------------------------------------------------- layout
 
-def detect_layout(src: str, only=None) -> tuple[str, str, dict[str, tuple[str, str, str | None]]]:
-  """(family, layout name, {module: (kind, subfolder, tokenizer)}) of a source directory."""
+def detect_layout(src: str | None, only=None, *, transformer: str | None = None
+                  ) -> tuple[str, str, dict[str, tuple[str, str, str | None]]]:
+  """(family, layout name, {module: (kind, subfolder, tokenizer)}) of a source directory.
+
+  With `transformer` (a BFL single-file checkpoint, `convert.bfl`) the transformer comes from
+  that file (its entry's subfolder is the file's absolute path) and `src` supplies the other
+  modules; `src` may then be None when only the transformer is wanted.
+  """
+  if transformer is not None:
+    family = bfl.family_of(list(bfl.open_file(transformer)), transformer)
+    if src is None:
+      wanted = set(only or LAYOUTS[family])
+      if wanted != {"transformer"}:
+        raise ConversionError(
+            f"{transformer}: a BFL file holds only the transformer; "
+            f"{sorted(wanted - {'transformer'})} must come from a diffusers "
+            f"{LAYOUT_NAMES[family]} repository (--src; its transformer/ is not needed), or "
+            "convert only the transformer (--only transformer)")
+      return family, "bfl-transformer-only", {
+          "transformer": ("transformer", os.path.abspath(transformer), None)}
   if not os.path.isdir(src):
     raise ConversionError(f"{src}: source directory does not exist")
+  if transformer is not None:
+    return _check_modules(src, family, f"BFL {os.path.basename(transformer)}", only,
+                          bfl_file=os.path.abspath(transformer))
   cfg_path = os.path.join(src, "config.json")
   if os.path.isfile(cfg_path) and not os.path.isdir(os.path.join(src, "transformer")):
     cls = _read_json(cfg_path).get("_class_name")
@@ -232,7 +259,11 @@ def detect_layout(src: str, only=None) -> tuple[str, str, dict[str, tuple[str, s
   if cls not in TRANSFORMER_CLASSES:
     raise ConversionError(f"{t_cfg}: unknown transformer class {cls!r}; expected one of "
                           f"{sorted(TRANSFORMER_CLASSES)}")
-  family = TRANSFORMER_CLASSES[cls]
+  return _check_modules(src, TRANSFORMER_CLASSES[cls], cls, only)
+
+
+def _check_modules(src: str, family: str, cls: str, only, bfl_file: str | None = None):
+  """The modules of a repository of `family`, every one checked present and of the right type."""
   modules = dict(LAYOUTS[family])
   if only:
     unknown = sorted(set(only) - set(modules))
@@ -242,11 +273,14 @@ def detect_layout(src: str, only=None) -> tuple[str, str, dict[str, tuple[str, s
     modules = {k: v for k, v in modules.items() if k in only}
   missing = []
   for name, (kind, sub, tok) in modules.items():
+    if name == "transformer" and bfl_file:
+      continue
     if not os.path.isfile(os.path.join(src, sub, "config.json")):
       missing.append(f"{sub}/config.json")
     if tok and not os.path.isdir(os.path.join(src, tok)):
       missing.append(f"{tok}/")
-  if family == "flux2" and not only and not os.path.isfile(os.path.join(src, "model_index.json")):
+  if (family == "flux2" and not only and not bfl_file
+      and not os.path.isfile(os.path.join(src, "model_index.json"))):
     missing.append("model_index.json")
   if missing:
     raise ConversionError(f"{src}: {LAYOUT_NAMES[family]} layout (transformer class {cls}) is "
@@ -260,6 +294,9 @@ def detect_layout(src: str, only=None) -> tuple[str, str, dict[str, tuple[str, s
       if got != want:
         raise ConversionError(f"{src}/{sub}/config.json: model_type {got!r}, but a "
                               f"{LAYOUT_NAMES[family]} repo needs {want!r} there")
+  if bfl_file and "transformer" in modules:
+    modules["transformer"] = ("transformer", bfl_file, None)
+    return family, f"{LAYOUT_NAMES[family]}+bfl", modules
   return family, LAYOUT_NAMES[family], modules
 
 
@@ -304,11 +341,13 @@ def _param_dtype(dtype):
 
 
 def convert_module(path: str, kind: str, *, dtype, name: str | None = None, hidden_layers=None,
-                   transformer_config: dict | None = None, verbose: bool = True):
+                   transformer_config: dict | None = None, verbose: bool = True,
+                   bfl_config: dict | None = None):
   """One diffusers / transformers directory → (flat numpy params, our config, entry for the
-  manifest). Streams tensor by tensor into preallocated arrays."""
-  cfg_path = os.path.join(path, "config.json")
-  config = _read_json(cfg_path)
+  manifest). Streams tensor by tensor into preallocated arrays. With `bfl_config` (from
+  `bfl.read`), `path` is a BFL single-file transformer that this config describes."""
+  cfg_path = path if bfl_config is not None else os.path.join(path, "config.json")
+  config = bfl_config if bfl_config is not None else _read_json(cfg_path)
   param_dtype = _param_dtype(dtype)
   extra = {}
   if kind == "text" and config.get("model_type") == "qwen3":
@@ -322,7 +361,7 @@ def convert_module(path: str, kind: str, *, dtype, name: str | None = None, hidd
     progress.bar.total = len(tensors)
   try:
     targets = flat_params(nnx.eval_shape(build))
-    rules, ignore = _rules(kind, our_cfg, list(tensors), config)
+    rules, ignore = _rules(kind, our_cfg, list(tensors), config, from_bfl=bfl_config is not None)
     params = import_params(rules, tensors, targets, source=path, ignore=ignore)
   finally:
     tensors.close()
@@ -335,26 +374,40 @@ def convert_module(path: str, kind: str, *, dtype, name: str | None = None, hidd
   return params, our_cfg, entry
 
 
-def diffusers_to_orbax(src: str, out: str, dtype="bfloat16", *, only=None, hidden_layers=None,
-                       overwrite: bool = False, verbose: bool = True) -> dict:
+def diffusers_to_orbax(src: str | None, out: str, dtype="bfloat16", *, transformer: str | None = None,
+                       only=None, hidden_layers=None, overwrite: bool = False,
+                       verbose: bool = True) -> dict:
   """Converts a FLUX.2-klein / FLUX.1-Kontext diffusers repo (or a bare transformer dir) into
-  the base checkpoint layout of this module's docstring; returns the manifest."""
+  the base checkpoint layout of this module's docstring; returns the manifest.
+
+  `transformer`: a BFL single-file transformer (`flux-2-klein-4b.safetensors`, ...) used instead
+  of the repo's transformer/; `src` then supplies the VAE, text encoders and tokenizers (None:
+  the transformer alone), and its transformer/config.json, when present, describes the file
+  (else the config is derived from the file, `bfl.transformer_config`).
+  """
   param_dtype = _param_dtype(dtype)
-  family, layout, modules = detect_layout(src, only)
-  src_abs = os.path.abspath(src)
+  family, layout, modules = detect_layout(src, only, transformer=transformer)
   t_cfg = None
-  if "transformer" in modules:
+  if transformer is not None:
+    repo_cfg = os.path.join(src or "", "transformer", "config.json")
+    t_cfg = bfl.read(transformer, _read_json(repo_cfg) if src and os.path.isfile(repo_cfg)
+                     else None)[1]
+  elif "transformer" in modules:
     t_cfg = _read_json(os.path.join(src, modules["transformer"][1], "config.json"))
-  manifest = {"format": BASE_FORMAT, "source": src_abs, "layout": layout, "family": family,
-              "dtype": param_dtype.name, "modules": {}}
-  if os.path.isfile(os.path.join(src, "model_index.json")):
+  manifest = {"format": BASE_FORMAT, "source": os.path.abspath(src or transformer),
+              "layout": layout, "family": family, "dtype": param_dtype.name, "modules": {}}
+  if transformer is not None:
+    manifest["transformer_source"] = os.path.abspath(transformer)
+  if src and os.path.isfile(os.path.join(src, "model_index.json")):
     manifest["model_index"] = _read_json(os.path.join(src, "model_index.json"))
   tree = {}
   with orbax_io.atomic_dir(out, overwrite=overwrite) as tmp:
     for name, (kind, sub, tok) in modules.items():
-      params, _, entry = convert_module(os.path.join(src, sub), kind, dtype=param_dtype,
-                                        name=name, hidden_layers=hidden_layers,
-                                        transformer_config=t_cfg, verbose=verbose)
+      from_bfl = transformer is not None and name == "transformer"
+      params, _, entry = convert_module(sub if from_bfl else os.path.join(src, sub), kind,
+                                        dtype=param_dtype, name=name, hidden_layers=hidden_layers,
+                                        transformer_config=t_cfg, verbose=verbose,
+                                        bfl_config=t_cfg if from_bfl else None)
       entry.update(subfolder=sub or ".", tokenizer=tok)
       manifest["modules"][name] = entry
       tree[name] = orbax_io.nest(params)
