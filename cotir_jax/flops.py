@@ -3,7 +3,8 @@
 Why not `compiled.cost_analysis()["flops"]`: XLA's cost analysis visits each computation once, so
 the body of a `while` loop — every `lax.scan` over stacked blocks (backbone, adapter, text
 encoder layers) — counts as ONE iteration. On the scanned CoTIR step it reports a fraction of
-the work (8.4 of 64.9 TFLOP per sample for 4B at 512²); an MFU built on it is wrong by ~8×.
+the work: 4B at 512², batch 1, compiled for one TPU v5p chip, 6.8 TFLOP where the walk below
+finds 64.9 (`analytic_flops`: 64.8); an MFU built on it is wrong by ~10×.
 
 `hlo_flops(compiled)` walks the optimized HLO module instead (`compiled.as_text()`):
 
