@@ -154,6 +154,74 @@ def test_primal_update_matches_torch_adamw():
                                  rtol=1e-5, atol=1e-6)
 
 
+def test_float32_adam_matches_torch_over_120_steps():
+  """Primal clip + AdamW and dual Adam + projection against torch in float32 for 120 steps.
+
+  The bias corrections must be exact: computed in float32, 1 − 0.999**t is 1.3e-5 too large
+  (relative) and every Adam step 6.6e-6 too small, which drifts λ by 6e-6 and the parameters by
+  1.5e-6–3e-6 here. Compiled without XLA's fusion and algebraic simplifier every operation rounds
+  as written, and the chain must then agree with torch to ≤ 1e-6; the normal compile may turn a
+  multiply-add into one FMA and x / c into x·(1/c) (1-ulp noise, no drift: ≤ 4e-6)."""
+  torch = pytest.importorskip("torch")
+  cfg = _cfg("training.lr_warmup_steps=10", "training.iterations=(150,)",
+             "training.patch_sizes=(128,)", "training.batch_sizes=(2,)",
+             "training.learning_rate=0.01", "training.min_learning_rate=0.002",
+             "training.adam_weight_decay=0.1", "training.max_grad_norm=1.0",
+             "training.lambda_lr=0.01")
+  t = cfg.training
+  sched = optim.lr_schedule(cfg)
+  rng = np.random.default_rng(0)
+  p0 = {"w": rng.normal(size=(64, 32)).astype(np.float32),
+        "b": rng.normal(size=(32,)).astype(np.float32)}
+  c_mean = {"s": 2e-3, "d": 1e-3, "p": -2e-4}  # c_p < 0 on average: λ_p keeps hitting 0
+  steps = []
+  for k in range(120):
+    scale = 3.0 if k % 3 == 0 else 0.02  # every third step is clipped
+    g = {n: (rng.normal(size=v.shape) * scale).astype(np.float32) for n, v in p0.items()}
+    steps.append((g, {key: np.float32(m + 1e-3 * rng.normal()) for key, m in c_mean.items()}))
+
+  tp = {n: torch.nn.Parameter(torch.tensor(v)) for n, v in p0.items()}
+  opt = torch.optim.AdamW(list(tp.values()), lr=t.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                          weight_decay=t.adam_weight_decay)
+  tl = {key: torch.nn.Parameter(torch.zeros(())) for key in optim.LAMBDA_KEYS}
+  lopt = torch.optim.Adam(list(tl.values()), lr=t.lambda_lr, betas=(0.9, 0.999), eps=1e-8)
+  want = []
+  for k, (g, c) in enumerate(steps):
+    for n in tp:
+      tp[n].grad = torch.tensor(g[n])
+    torch.nn.utils.clip_grad_norm_(list(tp.values()), t.max_grad_norm)
+    for group in opt.param_groups:
+      group["lr"] = float(sched(k))
+    opt.step()
+    for key in tl:
+      tl[key].grad = torch.tensor(-c[key])
+    lopt.step()
+    with torch.no_grad():
+      for lam in tl.values():
+        lam.clamp_(min=0.0)
+    want.append(({n: x.detach().numpy().copy() for n, x in tp.items()},
+                 np.array([float(tl[key].detach()) for key in optim.LAMBDA_KEYS])))
+
+  tx = optim.make_optimizer(cfg)
+  params = {"params": {n: jnp.asarray(v) for n, v in p0.items()}, "lambdas": optim.init_lambdas()}
+  state = tx.init(params)
+  grads = optim.join_grads(steps[0][0], steps[0][1])
+  ieee = jax.jit(tx.update).lower(grads, state, params).compile(
+      compiler_options={"xla_disable_hlo_passes": "fusion,algsimp"})
+  rel = lambda a, b: float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+  for update, bound in ((ieee, 1e-6), (jax.jit(tx.update), 4e-6)):
+    p, st, worst_p, worst_l = params, state, 0.0, 0.0
+    for (g, c), (want_p, want_l) in zip(steps, want):
+      upd, st = update(optim.join_grads(g, c), st, p)
+      p = optax.apply_updates(p, upd)
+      worst_p = max([worst_p] + [rel(np.asarray(p["params"][n]), want_p[n]) for n in want_p])
+      worst_l = max(worst_l, rel(np.array([float(p["lambdas"][key]) for key in optim.LAMBDA_KEYS]),
+                                 want_l))
+    assert worst_p <= bound and worst_l <= 1e-6, (bound, worst_p, worst_l)
+  lambdas = np.array([lam for _, lam in want])
+  assert lambdas[-1, 0] > 0.5 and np.any(lambdas[:, 2] == 0.0)  # λ_s rose; λ_p was projected
+
+
 def test_bf16_update_matches_torch_bf16_adamw():
   """compat="upstream": bf16 params and moments round like torch's bf16 clip + AdamW."""
   torch = pytest.importorskip("torch")

@@ -17,18 +17,70 @@ in the background while training continues); call `wait()` before reading the di
 The state is stored as a nested dict keyed by the pytree's path names, so restoring needs only
 a target with the same structure: abstract `jax.ShapeDtypeStruct`s carrying the target
 shardings (or concrete arrays, whose shardings are used); arrays land directly in them.
+
+Resuming with another config: `check_config(cfg)` reads the config stored with the newest
+checkpoint (the meta item alone, no state target) and, before Orbax sees a state, fails with
+every changed field that defines the checkpoint (`CHECKPOINT_FIELDS`), as
+`field: checkpoint value → config value`; the other changes are returned for the start-up summary.
+
+Write failures (disk full, read-only or unwritable directory, quota) surface from Orbax, often
+in its background thread, i.e. at the next `save`, at `wait` or `close`. They become one
+`CheckpointWriteError` line naming the step that failed and the last complete checkpoint, which
+a failed save never touches (retention deletes old steps only after a new one is finalised).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import fnmatch
 import json
 import os
-from typing import Any
+import re
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from cotir_jax.train.workdir import WorkdirError
+
+# Config fields that define what a checkpoint holds: compat and every model field (architecture,
+# LoRA, CoT adapter, frozen encoders, dtypes), except those in MAY_CHANGE, which only choose how
+# the same model is computed or where files live. fnmatch patterns over dotted field paths.
+# Resuming with any other field changed (learning rate, schedule, iterations, logging, data,
+# mesh, paths) is allowed; so is a field that only one of the two configs has (a config schema
+# that gained a field since the checkpoint was written).
+CHECKPOINT_FIELDS = ("compat", "model.*")
+MAY_CHANGE = ("model.pretrained", "model.tokenizer", "model.tokenizer_2", "model.attention",
+              "model.scan_layers", "model.remat_policy", "model.lora.merge_for_inference",
+              "model.cot_adapter.qk_scale")
+
+# How a failed write looks when it comes out of Orbax: an OSError, or tensorstore's ValueError
+# carrying an absl status and the OS error (e.g. "RESOURCE_EXHAUSTED: Error writing local file").
+_WRITE_FAILURE = re.compile(r"RESOURCE_EXHAUSTED|PERMISSION_DENIED|os_error_code|Error writing|"
+                            r"No space left|Read-only file system|Permission denied|Disk quota")
+
+
+class CheckpointWriteError(WorkdirError):
+  """A checkpoint could not be written; the last complete one is intact and named."""
+
+
+class IncompatibleConfigError(WorkdirError):
+  """The config differs from the checkpoint's in fields that define the checkpoint."""
+
+
+class ConfigChange(NamedTuple):
+  field: str
+  stored: Any     # the checkpoint's value
+  current: Any    # the config's value
+
+  def __str__(self):
+    show = lambda v: v if v is _ABSENT else json.dumps(v, ensure_ascii=False)
+    return f"{self.field}: {show(self.stored)} → {show(self.current)}"
+
+
+_ABSENT = "(absent)"  # the value shown for a field that one of the two configs lacks
 
 
 def _key_name(k) -> str:
@@ -70,6 +122,70 @@ def _flat(tree) -> tuple[list[tuple[str, ...]], list[Any], Any]:
   return names, [x for _, x in leaves], treedef
 
 
+def _config_json(config) -> dict:
+  """A ConfigDict (via its `to_json`), a dict or a JSON string, as plain JSON values."""
+  if hasattr(config, "to_json"):
+    return json.loads(config.to_json())
+  if isinstance(config, str):
+    return json.loads(config)
+  return json.loads(json.dumps(config))
+
+
+def _flat_fields(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict) and v:
+      out.update(_flat_fields(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def defines_checkpoint(field: str) -> bool:
+  """Whether changing `field` (a dotted config path) makes a checkpoint unusable."""
+  match = lambda patterns: any(fnmatch.fnmatchcase(field, p) for p in patterns)
+  return match(CHECKPOINT_FIELDS) and not match(MAY_CHANGE)
+
+
+def config_changes(stored, config) -> tuple[list[ConfigChange], list[ConfigChange]]:
+  """(changes that break the checkpoint, allowed changes) from the `stored` config to `config`."""
+  old, new = _flat_fields(_config_json(stored)), _flat_fields(_config_json(config))
+  breaking, allowed = [], []
+  for field in sorted(old.keys() | new.keys()):
+    change = ConfigChange(field, old.get(field, _ABSENT), new.get(field, _ABSENT))
+    if change.stored == change.current:
+      continue
+    both = field in old and field in new
+    (breaking if both and defines_checkpoint(field) else allowed).append(change)
+  return breaking, allowed
+
+
+def estimate_nbytes(state) -> int:
+  """Bytes one checkpoint of `state` takes: global array sizes (PRNG keys as their key data).
+
+  `state`: arrays or their `jax.ShapeDtypeStruct`s (what `restore` takes as its target).
+  """
+  total = 0
+  for x in jax.tree.leaves(state):
+    if _is_key(x):
+      x = jax.eval_shape(jax.random.key_data, x)
+    total += int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+  return total
+
+
+def _write_failure_reason(e: BaseException) -> str | None:
+  """The OS error behind a failed checkpoint write (None: `e` is not a write failure)."""
+  text = str(e)
+  if not (isinstance(e, OSError) or _WRITE_FAILURE.search(text)):
+    return None
+  code = re.search(r"os_error_code='?(\d+)", text)
+  if code:
+    return os.strerror(int(code.group(1)))
+  if isinstance(e, OSError) and e.errno:
+    return os.strerror(e.errno)
+  return text.splitlines()[0][:300] if text else type(e).__name__
+
+
 def _abstract(x):
   """ShapeDtypeStruct with the sharding the restored array should land in."""
   if isinstance(x, jax.ShapeDtypeStruct):
@@ -88,6 +204,24 @@ class Checkpointer:
                                            enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "meta"))
+    self._in_flight: int | None = None  # the step of an async save not yet waited for
+
+  @contextlib.contextmanager
+  def _write_errors(self, step: int | None):
+    """Turns a failed write of `step` into one CheckpointWriteError line."""
+    try:
+      yield
+    except Exception as e:
+      reason = _write_failure_reason(e)
+      if reason is None:
+        raise
+      self._manager.reload()
+      last = self._manager.latest_step()
+      last = f"step {last}" if last is not None else "none"
+      raise CheckpointWriteError(
+          f"checkpoint of step {step} could not be written to {self.directory} ({reason}); the "
+          f"last complete checkpoint is {last}; free space or fix the directory's permissions, "
+          "then re-run the same command to resume from it") from e
 
   # ------------------------------------------------------------------ save
   def save(self, step: int, state, *, data_state: dict | bytes | None = None,
@@ -95,7 +229,9 @@ class Checkpointer:
     """Starts saving `state` at `step` (returns at once when async); False if `step` exists.
 
     `config`: an ml_collections ConfigDict (stored via its `to_json`), a dict or a JSON string.
+    Raises CheckpointWriteError for this save or an earlier async one that failed.
     """
+    self.wait()
     if step in self.all_steps():
       return False
     names, leaves, _ = _flat(state)
@@ -113,15 +249,13 @@ class Checkpointer:
     else:
       meta["data_state"] = data_state
     if config is not None:
-      if hasattr(config, "to_json"):
-        meta["config"] = json.loads(config.to_json())
-      elif isinstance(config, str):
-        meta["config"] = json.loads(config)
-      else:
-        meta["config"] = config
+      meta["config"] = _config_json(config)
     args = ocp.args.Composite(state=ocp.args.StandardSave(_nest(arrays)),
                               meta=ocp.args.JsonSave(meta))
-    return self._manager.save(step, args=args, force=True)
+    with self._write_errors(step):
+      saved = self._manager.save(step, args=args, force=True)
+    self._in_flight = step
+    return saved
 
   # ------------------------------------------------------------------ query
   def all_steps(self) -> list[int]:
@@ -130,6 +264,31 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     """The newest *finished* checkpoint (unfinished temporary directories are ignored)."""
     return self._manager.latest_step()
+
+  # ------------------------------------------------------------------ config check
+  def stored_config(self, step: int | None = None) -> dict | None:
+    """The config saved with `step` (default: the newest), read from the meta item alone."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return None
+    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return meta["meta"].get("config")
+
+  def check_config(self, config, step: int | None = None) -> list[ConfigChange]:
+    """Before restoring: raises IncompatibleConfigError listing every field that defines the
+    checkpoint and differs (`field: checkpoint value → config value`); returns the allowed
+    changes (empty without a checkpoint or a stored config)."""
+    step = self.latest_step() if step is None else step
+    stored = self.stored_config(step)
+    if stored is None:
+      return []
+    breaking, allowed = config_changes(stored, config)
+    if breaking:
+      raise IncompatibleConfigError(
+          f"the config changes fields that define the checkpoint at step {step} in "
+          f"{self.directory}; resume with the checkpoint's values or start a new --workdir:\n  "
+          + "\n  ".join(map(str, breaking)))
+    return allowed
 
   # ------------------------------------------------------------------ restore
   def restore(self, target, step: int | None = None) -> dict | None:
@@ -168,12 +327,22 @@ class Checkpointer:
   # ------------------------------------------------------------------ lifecycle
   def wait(self) -> None:
     """Blocks until an in-flight async save is finalised (renamed into place)."""
-    self._manager.wait_until_finished()
+    step, self._in_flight = self._in_flight, None
+    with self._write_errors(step):
+      self._manager.wait_until_finished()
+
+  def check_for_errors(self) -> None:
+    """Raises CheckpointWriteError if the last async save has failed already; never blocks
+    (call it at logging steps to learn of a full disk before the next save)."""
+    if self._in_flight is not None and not self._manager.is_saving_in_progress():
+      self.wait()
 
   def close(self) -> None:
     """Waits for pending saves and releases the manager; call before the process exits."""
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
   def __enter__(self):
     return self
