@@ -25,7 +25,9 @@ FAMILIES = ("flux2", "flux1")
 COMPAT_MODES = ("default", "upstream")
 LORA_INITS = ("zeros", "upstream")
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")  # see models/attention.py
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots", "save_attention", "save_qkv_attention",
+                  "offload_attention")  # models/layers.py: REMAT_POLICIES
+REMAT_PARTS = ("double_blocks", "single_blocks", "cot_adapter")
 DTYPES = ("float32", "bfloat16")
 MIXING = ("balanced", "shuffle")
 DATA_SOURCES = ("tar", "array_record")
@@ -129,7 +131,10 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   c.model.attention_block_q = 512   # splash query / key tile sizes: upper bounds, multiples of 128
   c.model.attention_block_kv = 512
   c.model.scan_layers = True
-  c.model.remat_policy = "full"
+  c.model.remat_policy = "full"     # what each scanned block keeps for backward (REMAT_POLICIES)
+  c.model.remat = ml_collections.ConfigDict()  # per part; unset = model.remat_policy
+  for part in REMAT_PARTS:
+    c.model.remat[part] = config_dict.placeholder(str)
   c.model.cot_adapter = ml_collections.ConfigDict()
   c.model.cot_adapter.hidden_size = c.model.get_ref("hidden_size")
   c.model.cot_adapter.num_heads = c.model.get_ref("num_heads")
@@ -199,13 +204,22 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   c.training.num_steps = 20  # Euler steps of the validation sampler
   c.training.guidance = 4.0
   c.training.log_steps = 10
+  c.training.peak_tflops = config_dict.placeholder(float)  # per-chip bf16 peak for mfu; unset: device table
+
+  # JAX's persistent compilation cache: a resumed run or a repeated stage does not compile
+  # again. "default": $XDG_CACHE_HOME/cotir_jax/jit; "" turns it off.
+  c.compile_cache_dir = "default"
 
   c.inference = ml_collections.ConfigDict()
   c.inference.num_steps = 20 if c.model.family == "flux1" else 5
 
+  # Full-size default: FSDP over every chip (weights, optimizer state and the batch sharded
+  # together); -1 = all devices not used by the other axes, fitted to the stages' global
+  # batches with the rest as tensor parallelism (sharding.fit_batches). `python -m
+  # cotir_jax.plan --search` shows when data parallelism across slices also fits.
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # -1: all devices not used by the other axes
-  c.mesh.fsdp = 1
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
   c.mesh.tensor = 1
 
   c.mixed_precision = "bf16"
@@ -229,6 +243,7 @@ def tiny(base_model_name: str) -> ml_collections.ConfigDict:
   m.dtype = "float32"
   m.param_dtype = "float32"
   m.remat_policy = "none"  # nothing to save at these sizes; halves the compile time
+  c.mesh.data, c.mesh.fsdp = -1, 1  # plain data parallelism is fastest for a model this small
   m.cot_adapter.depth = 2
   m.lora.rank = 8
   use_encoders(m, m.family, "tiny")
@@ -267,6 +282,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not isinstance(m[name], int) or m[name] < 128 or m[name] % 128:
       raise ConfigError(f"model.{name}={m[name]!r} must be a positive multiple of 128")
   choose("model.remat_policy", m.remat_policy, REMAT_POLICIES)
+  for part in REMAT_PARTS:
+    if m.remat[part] is not None:
+      choose(f"model.remat.{part}", m.remat[part], REMAT_POLICIES)
   choose("model.dtype", m.dtype, DTYPES)
   choose("model.param_dtype", m.param_dtype, DTYPES)
   choose("model.encoder_dtype", m.encoder_dtype, DTYPES)
@@ -300,9 +318,13 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for p in t.patch_sizes:
     if p % 16:
       raise ConfigError(f"training.patch_sizes contains {p}; every patch size must be a multiple of 16")
-  if t.gradient_accumulation_steps != 1:
-    raise ConfigError(f"training.gradient_accumulation_steps={t.gradient_accumulation_steps} is "
-                      "not supported; only 1 (upstream's value): raise the global batch instead")
+  k = t.gradient_accumulation_steps
+  if not isinstance(k, int) or k < 1:
+    raise ConfigError(f"training.gradient_accumulation_steps={k!r} must be a positive int")
+  for s, b in enumerate(t.batch_sizes):
+    if b % k:
+      raise ConfigError(f"training.batch_sizes[{s}]={b} is not divisible by "
+                        f"training.gradient_accumulation_steps={k} (equal micro-batches)")
   for key in ("data", "fsdp", "tensor"):
     v = cfg.mesh[key]
     if not isinstance(v, int) or (v < 1 and v != -1):

@@ -878,3 +878,22 @@ def mfu(flops_per_step_per_device: float, step_time_s: float, peak: float | None
   if peak is None:
     return None
   return flops_per_step_per_device / step_time_s / peak
+
+
+def measured_peak_flops(device=None, n: int = 1024, repeats: int = 8) -> float:
+  """FLOP/s of a dense n×n float32 matmul chain on `device`: the stand-in peak for devices not
+  in PEAK_TFLOPS (CPUs), so `mfu` still says how close the step comes to the chip's own best."""
+  import time
+
+  import jax
+  import jax.numpy as jnp
+  device = device or jax.devices()[0]
+  x = jax.device_put(jnp.ones((n, n), jnp.float32) / n, device)
+  chain = jax.jit(lambda a: jax.lax.fori_loop(0, repeats, lambda _, b: b @ a, a))
+  chain(x).block_until_ready()
+  best = float("inf")
+  for _ in range(3):
+    t0 = time.perf_counter()
+    chain(x).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * n ** 3 * repeats / best

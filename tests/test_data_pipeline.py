@@ -89,7 +89,9 @@ def test_restore_continues_exactly(shared):
 def test_stage_change_continues_stream(shared):
   it = _it(shared, bs=4, patch=32)
   first = [next(it) for _ in range(2)]
-  nxt = _it(shared, 1, bs=2, patch=16, state=it.get_state())
+  with pytest.raises(ValueError, match="resume_state"):  # a new batch size needs every process's end
+    _it(shared, 1, bs=2, patch=16, state=it.get_state())
+  nxt = _it(shared, 1, bs=2, patch=16, state=D.resume_state([it.get_state()], 0))
   after = [next(nxt) for _ in range(2)]
   ref = _it(shared, bs=8, patch=16)
   ref_batches = [next(ref) for _ in range(2)]
@@ -118,12 +120,18 @@ def test_two_processes_disjoint_union_equals_one_process(shared, mixing):
     ga, gb = set(a["meta"]["global_position"].tolist()), set(b["meta"]["global_position"].tolist())
     assert not ga & gb
     assert ga | gb == set(r["meta"]["global_position"].tolist())
-    # the same samples (images and prompts), keyed by global position
-    rows = {p: i for i, p in enumerate(r["meta"]["global_position"].tolist())}
-    for x in (a, b):
-      for i, p in enumerate(x["meta"]["global_position"].tolist()):
-        np.testing.assert_array_equal(x["hq"][i], r["hq"][rows[p]])
-        assert x["meta"]["gen"][i] == r["meta"]["gen"][rows[p]]
+    # process 0's rows then process 1's are the 1-process batch, in order
+    assert a["meta"]["global_position"].tolist() + b["meta"]["global_position"].tolist() == \
+        r["meta"]["global_position"].tolist()
+    np.testing.assert_array_equal(np.concatenate([a["hq"], b["hq"]]), r["hq"])
+    assert a["meta"]["gen"] + b["meta"]["gen"] == r["meta"]["gen"]
+  # after a stage change (batch 8 → 4) both layouts continue at the same global position
+  states = [p0.get_state(), p1.get_state()]
+  q0, q1 = (_it(shared, 1, pi=i, pc=2, bs=2, mixing=mixing, state=D.resume_state(states, i))
+            for i in range(2))
+  r1 = _it(shared, 1, bs=4, mixing=mixing, state=D.resume_state([one.get_state()], 0))
+  nxt = next(r1)["meta"]["global_position"].tolist()
+  assert next(q0)["meta"]["global_position"].tolist() + next(q1)["meta"]["global_position"].tolist() == nxt
 
 
 def test_global_batch_and_start_position():
@@ -132,7 +140,7 @@ def test_global_batch_and_start_position():
   with pytest.raises(ValueError):
     D.per_process_batch(cfg, 0, 5)
   assert D.stage_of_step(cfg, 19999) == 0 and D.stage_of_step(cfg, 20000) == 1
-  assert D.start_position(cfg, 20001, 1) == 20000 * 12 + 10
+  assert D.start_position(cfg, 20001) == 20000 * 12 + 10
 
 
 def test_grain_workers_give_the_same_batches(shared):

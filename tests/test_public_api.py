@@ -48,8 +48,9 @@ def test_bad_config_values_name_the_field():
                           ("model.lora.init=gaussian", "model.lora.init"),
                           ("training.patch_sizes=(30, 256, 384, 512)", "training.patch_sizes"),
                           ("training.batch_sizes=(1, 2)", "training.batch_sizes"),
-                          ("training.gradient_accumulation_steps=2",
-                           "training.gradient_accumulation_steps")):
+                          ("training.gradient_accumulation_steps=7",  # 96 is not a multiple
+                           "training.gradient_accumulation_steps"),
+                          ("model.remat.single_blocks=some", "model.remat.single_blocks")):
     with pytest.raises(config.ConfigError, match=field.replace(".", r"\.")):
       config.load(os.path.join(REPO, "configs/cotir_4b.py"), [override])
 
@@ -67,9 +68,12 @@ def test_recipes_carry_upstream_values():
     assert (t.val_steps, t.save_steps, t.checkpoints_total_limit, t.num_steps) == (1000, 1000, 2, 20)
     a = c.model.cot_adapter
     assert (a.mlp_ratio, a.depth, c.model.lora.rank, c.model.lora.scale) == (4.0, 6, 96, 1.0)
-  assert tuple(c4.training.batch_sizes) == (12, 10, 6, 4)
-  assert tuple(c9.training.batch_sizes) == (6, 4, 2, 1)
-  assert tuple(c12.training.batch_sizes) == (6, 5, 3, 2)
+  # global batches of upstream's 8-GPU run: per-GPU batch × 8
+  assert tuple(c4.training.batch_sizes) == (96, 80, 48, 32)
+  assert tuple(c9.training.batch_sizes) == (48, 32, 16, 8)
+  assert tuple(c12.training.batch_sizes) == (48, 40, 24, 16)
+  for c in (c4, c9, c12):  # FSDP over every chip by default
+    assert (c.mesh.data, c.mesh.fsdp, c.mesh.tensor) == (1, -1, 1)
   assert [c.model.cot_adapter.out_channels for c in (c4, c9, c12)] == [7680, 12288, 4096]
   assert [c.model.cot_adapter.hidden_size for c in (c4, c9, c12)] == [3072, 4096, 3072]
   assert [c.inference.num_steps for c in (c4, c9, c12)] == [5, 5, 20]

@@ -83,8 +83,11 @@ def test_main_job_runs_to_the_end_and_learns(tmp_path):
   with open(workdir / "summary.json") as f:
     assert json.load(f)["compiles"] == {"0": 1, "1": 1}  # exactly one compile per stage
   for key in ("lambda_s", "c_s", "lr", "use_gen_prob", "grad_norm", "samples_per_s",
-              "skipped_samples", "step_time"):
+              "skipped_samples", "bad_shards", "step_time", "tflops_per_device", "mfu"):
     assert key in rows[-1]
+  assert rows[-1]["tflops_per_device"] > 0 and 0 < rows[-1]["mfu"] < 2
+  for r in (rows[0], rows[60]):  # validation steps: PSNR / SSIM of both results against HQ
+    assert 0 < r["val_psnr_gen"] < 100 and -1 <= r["val_ssim_spe"] <= 1
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +138,43 @@ def test_exact_resume_after_kill_9(tmp_path, uninterrupted):
   proc.wait()
   _run(workdir, *SHORT)
   _assert_same_run(uninterrupted, workdir)
+
+
+def test_gradient_accumulation_step_equals_the_full_batch():
+  """One compiled step with k = 2 micro-batches (a scan inside the step) = the step on the
+  whole global batch: same losses, constraint values, gradients (the first Adam moment is
+  0.1 × the clipped gradient) and λ, float32."""
+  import jax
+  from cotir_jax import config
+  from cotir_jax.data import pipeline
+  from cotir_jax.train.modules import build_tokenizers
+  from cotir_jax.train.program import Program
+  base = ["training.iterations=(4,)", "training.patch_sizes=(32,)", "training.batch_sizes=(4,)"]
+  cfg = config.load(os.path.join(REPO, "configs/tiny.py"), base)
+  batch = next(pipeline.make_iterator(cfg, 0, tokenizers=build_tokenizers(cfg)))
+  batch.pop("meta")
+  out = {}
+  for k in (1, 2):
+    c = config.load(os.path.join(REPO, "configs/tiny.py"),
+                    base + [f"training.gradient_accumulation_steps={k}"])
+    prog = Program.build(c)
+    out[k] = prog.lower(0).compile()(prog.init_state(), prog.init_frozen(), prog.place_batch(batch, 0))
+  (s1, m1), (s2, m2) = jax.device_get(out[1]), jax.device_get(out[2])
+  for key in ("loss", "img_loss", "txt_s_loss", "txt_d_loss", "txt_p_loss", "c_s", "grad_norm"):
+    assert abs(m2[key] - m1[key]) <= 1e-6 * abs(m1[key]), (key, m1[key], m2[key])
+  for a, b in zip(jax.tree.leaves(s2["opt_state"].mu), jax.tree.leaves(s1["opt_state"].mu)):
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-6 * np.abs(np.asarray(b)).max()
+  assert s1["lambdas"] == s2["lambdas"]
+
+
+def test_main_job_with_gradient_accumulation(tmp_path, uninterrupted):
+  """k = 2 through the command line: 8 steps with the losses of the un-accumulated run."""
+  _run(tmp_path / "accum", *SHORT, "--config.training.gradient_accumulation_steps=2")
+  full, accum = _metrics(uninterrupted), _metrics(tmp_path / "accum")
+  assert len(full) == len(accum) == 8
+  for a, b in zip(accum, full):
+    for k in ("loss", "img_loss", "txt_s_loss", "txt_d_loss", "txt_p_loss"):
+      assert abs(a[k] - b[k]) <= 1e-6 * abs(b[k]), (a["step"], k, a[k], b[k])
 
 
 def test_eight_devices_match_one(tmp_path):

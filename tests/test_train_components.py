@@ -488,20 +488,13 @@ _MESH_SCRIPT = textwrap.dedent("""
     abstract, abstract_frozen = nnx.eval_shape(lambda: init()[1:])
     rng = np.random.default_rng(0)
     host = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(a.dtype), abstract_frozen)
-    placed = sharding.place(host, sharding.tree_shardings(host, mesh))
+    placed = jax.device_put(host, sharding.tree_shardings(host, mesh))
     assert isinstance(placed, nnx.State)
     specs = {jax.tree_util.keystr(p): x.sharding.spec for p, x in jax.tree_util.tree_flatten_with_path(placed)[0]}
     k = [p for p in specs if "img_mlp" in p and "fc1" in p and "kernel" in p][0]
     assert specs[k] == P(None, "fsdp", "tensor"), (k, specs[k])
     for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(host)):
       np.testing.assert_array_equal(np.asarray(a), b)
-    # init_sharded creates a state directly in its shardings
-    class Toy(nnx.Module):
-      def __init__(self, rngs):
-        self.w = nnx.Param(jax.random.normal(rngs.params(), (4, 6)), out_sharding=("embed", "mlp"),
-                           eager_sharding=False)
-    toy = sharding.init_sharded(lambda: nnx.state(Toy(nnx.Rngs(0))), mesh)
-    assert toy["w"][...].sharding.spec == P("fsdp", "tensor")
     # the optimizer state mirrors the params' metadata, so it gets the same layout
     from cotir_jax.train import optim
     tx = optim.make_optimizer(cfg)
@@ -511,8 +504,8 @@ _MESH_SCRIPT = textwrap.dedent("""
     assert jax.tree.leaves(osh.mu) == jax.tree.leaves(psh)
     assert len(jax.tree.leaves(osh)) == len(jax.tree.leaves(ost))
     # batch over (data, fsdp)
-    x = sharding.place(jnp.zeros((8, 4, 3)), sharding.batch_sharding(mesh, 3))
-    assert x.sharding.spec == P(("data", "fsdp"), None, None)
+    x = sharding.global_array(np.zeros((8, 4, 3)), sharding.batch_sharding(mesh, (8, 4, 3)))
+    assert x.sharding.spec == P(("data", "fsdp"))
     assert len(x.addressable_shards) == 8 and x.addressable_shards[0].data.shape == (1, 4, 3)
     print("MESH_OK")
 """)

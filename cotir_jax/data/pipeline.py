@@ -9,11 +9,17 @@ The training loop builds one iterator per stage:
     it.skip_counts                   # {reason: count}, cumulative over the run
     it.bad_shards                    # shards found bad at start-up (paths and why: it.bad_shard_paths)
 
+Multi-host layout: the global stream is cut into global batches of consecutive positions and
+process p reads rows [p·b, (p+1)·b) of each (b = its share of the batch), so the global batch
+assembled from the processes' shares in process order is the same sequence of samples for any
+process count, and a P-process run computes what a 1-process run does.
+
 Resuming and changing stage both go through `state`: it holds the process-local stream position
 after the last delivered batch plus the skip counters, and every sample is a pure function of
 (seed, global position) -- the patch size only changes the resize -- so an iterator built for any
-stage from a state continues the stream exactly. Without a state, `start_position(cfg, step)` gives
-the position of an unskipped run (exact only when no sample was skipped before `step`).
+stage from a state continues the stream exactly. When the stage's batch size changes, the new
+layout starts after everything any process has read (`resume_state` over all processes' states).
+Without a state, `start_position(cfg, step)` gives the global position of an unskipped run.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from cotir_jax.data.sources import TarSource, check_bad_shards, resolve_layout
 log = logging.getLogger(__name__)
 
 ALL_REASONS = REASONS + ("read_error",)
-STATE_VERSION = 1
+STATE_VERSION = 2
 Tokenizer = Callable[[list], Mapping[str, np.ndarray]]
 
 
@@ -98,8 +104,10 @@ class SampleFn:
 
   def __init__(self, source, order: StreamOrder, bank: P.PromptBank, *, patch_size: int, seed: int,
                label_from_folder: bool, tokenizers: Mapping[str, Tokenizer], process_index: int,
-               process_count: int, max_pixels: int = MAX_IMAGE_PIXELS):
+               process_count: int, max_pixels: int = MAX_IMAGE_PIXELS, block: int = 1,
+               base: int = 0):
     self.source, self.order, self.bank = source, order, bank
+    self.block, self.base = int(block), int(base)
     self.patch_size, self.seed = int(patch_size), int(seed)
     self.label_from_folder = label_from_folder
     self.tokenizers = dict(tokenizers)
@@ -107,7 +115,9 @@ class SampleFn:
     self.max_pixels = int(max_pixels)
 
   def global_position(self, q: int) -> int:
-    return q * self.pc + self.pi
+    """Local position q → global: row pi·block + j of global batch n (from `base`)."""
+    n, j = divmod(q, self.block)
+    return self.base + (n * self.pc + self.pi) * self.block + j
 
   def __call__(self, q: int) -> dict:
     k = self.global_position(q)
@@ -242,6 +252,8 @@ class CotirIterator:
     return {
         "version": STATE_VERSION,
         "next_position": self.next_position,
+        "base": self.fn.base,
+        "block": self.fn.block,
         "examined": self.examined,
         "skip_counts": {r: int(n) for r, n in self.skip_counts.items() if n},
         "seed": self.fn.seed,
@@ -274,16 +286,25 @@ def per_process_batch(cfg, stage: int, process_count: int) -> int:
   return g // process_count
 
 
-def start_position(cfg, step: int, process_count: int = 1) -> int:
-  """Process-local position after `step` steps of an unskipped run (use a saved state when you have one)."""
+def start_position(cfg, step: int) -> int:
+  """Global stream position after `step` steps of an unskipped run (use a saved state when you have one)."""
   pos, prev = 0, 0
   for s, end in enumerate(cfg.training.iterations):
     n = max(0, min(step, end) - prev)
-    pos += n * per_process_batch(cfg, s, process_count)
+    pos += n * int(cfg.training.batch_sizes[s])
     prev = end
     if step <= end:
       break
   return pos
+
+
+def resume_state(states: list[Mapping], process_index: int) -> dict:
+  """This process's saved state plus `stream_end`: the first global position of a global batch
+  that no process has started, where a stage with another batch size lays out its batches."""
+  def end(s):
+    blocks = -(-int(s["next_position"]) // int(s["block"]))  # global batches touched
+    return int(s["base"]) + blocks * int(s["block"]) * int(s["process_count"])
+  return {**states[process_index], "stream_end": max(end(s) for s in states)}
 
 
 def make_iterator(cfg, stage: int, *, tokenizers: Mapping[str, Tokenizer] | None = None,
@@ -315,13 +336,22 @@ def make_iterator(cfg, stage: int, *, tokenizers: Mapping[str, Tokenizer] | None
         raise ValueError(f"data iterator state has {k}={state.get(k)!r} but this run has {want!r}; "
                          "the stream would not continue exactly")
     start, counts, examined = state["next_position"], state.get("skip_counts"), state.get("examined", 0)
+  block = batch_size or per_process_batch(cfg, stage, process_count)
+  base = 0
+  if state is not None:
+    base = int(state["base"])
+    if int(state["block"]) != block:  # another batch size: a fresh layout after the old one
+      if "stream_end" not in state:
+        raise ValueError("the batch size changed: pass resume_state(all processes' states, index)")
+      base, start = int(state["stream_end"]), 0
   fn = SampleFn(source, order, bank,
                 patch_size=patch_size or int(cfg.training.patch_sizes[stage]),
                 seed=seed, label_from_folder=bool(_get(cfg, "data.return_deg_type", False)),
                 tokenizers=tokenizers or {}, process_index=process_index, process_count=process_count,
-                max_pixels=int(_get(cfg, "data.max_image_pixels", MAX_IMAGE_PIXELS)))
+                max_pixels=int(_get(cfg, "data.max_image_pixels", MAX_IMAGE_PIXELS)), block=block,
+                base=base)
   return CotirIterator(
-      fn, batch_size=batch_size or per_process_batch(cfg, stage, process_count), start_position=start,
+      fn, batch_size=block, start_position=start,
       num_workers=int(_get(cfg, "data.num_workers", 0) if num_workers is None else num_workers),
       read_threads=int(_get(cfg, "data.read_threads", 2)),
       max_skip_fraction=float(_get(cfg, "data.max_skip_fraction", 0.01)),

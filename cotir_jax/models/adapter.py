@@ -15,9 +15,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from cotir_jax.models.layers import (Dense, LastLayer, Modulation, QKNorm, apply_rope, attend,
-                                     gelu_tanh,
-                                     modulate, param, scan_blocks, split_heads, stack_blocks)
+from cotir_jax.models.layers import (HIDDEN, TOKENS, Dense, LastLayer, Modulation, QKNorm,
+                                     attention, gelu_tanh, modulate, param, scan_blocks,
+                                     split_heads, stack_blocks)
+from cotir_jax.sharding import constrain
 from cotir_jax.models.spec import ModelSpec
 
 
@@ -43,12 +44,11 @@ class CoTIRBlock(nnx.Module):
     z = modulate(jnp.concatenate([x, img], axis=1), sh, sc)
     z_txt = z[:, :n_txt]
     q = self.linear1(z_txt, slice(0, h)).reshape(*z_txt.shape[:2], self.num_heads, -1)
-    k, v = split_heads(self.linear1(z, slice(h, 3 * h)), 2, self.num_heads)
-    m = self.linear1(z_txt, slice(3 * h, None))
+    k, v = split_heads(constrain(self.linear1(z, slice(h, 3 * h)), HIDDEN), 2, self.num_heads)
+    m = constrain(self.linear1(z_txt, slice(3 * h, None)), HIDDEN)
     q, k = self.norm(q, k, v)
     cos, sin = rope
-    a = attend(apply_rope(q, cos[:, :n_txt], sin[:, :n_txt]), apply_rope(k, cos, sin), v,
-               self.attention)
+    a = attention(q, k, v, rope, self.attention, q_rope=(cos[:, :n_txt], sin[:, :n_txt]))
     return x + g[:, None] * self.linear2(jnp.concatenate([a, gelu_tanh(m)], axis=-1))
 
 
@@ -71,8 +71,10 @@ class CoTAdapter(nnx.Module):
 
   def __call__(self, txt, img, vec, rope):
     """Returns (txt residual [B, L, H], scene, degradation, plan [B, L, out_channels]) in float32."""
+    img = constrain(img, TOKENS)
     x = scan_blocks(self.decoder, txt, lambda blk, c: blk(c, img, vec, rope),
-                    remat=self.spec.remat, scan=self.spec.scan_layers)
+                    remat=self.spec.remat_for("cot_adapter"), scan=self.spec.scan_layers,
+                    axes=TOKENS)
     x_deg = self.degradation_layer(x)
     x_sharp = self.sharpness_layer(x)
     x_plan = self.planning_layer(jnp.concatenate([x_deg, x_sharp], axis=-1))

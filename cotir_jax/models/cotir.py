@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 from flax import nnx
 
 from cotir_jax.models.adapter import CoTAdapter
@@ -26,6 +27,7 @@ class CoTIR(nnx.Module):
   def __call__(self, img, img_ids, txt, txt_ids, timesteps, vec=None, guidance=None):
     st = self.backbone.run_double(self.backbone.embed(img, img_ids, txt, txt_ids, timesteps,
                                                       vec, guidance))
-    residual, scene, degradation, plan = self.cot_adapter(st.txt, st.img, st.vec, st.rope)
+    with jax.named_scope("cot_adapter"):
+      residual, scene, degradation, plan = self.cot_adapter(st.txt, st.img, st.vec, st.rope)
     st = dataclasses.replace(st, txt=st.txt + residual.astype(st.txt.dtype))
     return self.backbone.run_single(st), scene, degradation, plan

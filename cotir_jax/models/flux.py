@@ -19,9 +19,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cotir_jax.models.layers import (Dense, LastLayer, MLPEmbedder, Modulation, QKNorm, attention,
-                                     gelu_tanh, modulate, rope_angles, rope_cos_sin, scan_blocks,
-                                     split_heads, stack_blocks, swiglu, timestep_embedding)
+from cotir_jax.models.layers import (HIDDEN, TOKENS, Dense, LastLayer, MLPEmbedder, Modulation,
+                                     QKNorm, attention, gelu_tanh, modulate, rope_angles,
+                                     rope_cos_sin, scan_blocks, split_heads, stack_blocks, swiglu,
+                                     timestep_embedding)
+from cotir_jax.sharding import constrain
 from cotir_jax.models.spec import ModelSpec
 
 
@@ -49,7 +51,7 @@ class MLP(nnx.Module):
     self.fc2 = _dense(spec, rngs, spec.mlp_hidden, spec.hidden_size, ("mlp", "embed"))
 
   def __call__(self, x):
-    h = self.fc1(x)
+    h = constrain(self.fc1(x), HIDDEN)
     return self.fc2(swiglu(h) if self.swiglu else gelu_tanh(h))
 
 
@@ -109,7 +111,7 @@ class SingleStreamBlock(nnx.Module):
 
   def __call__(self, x, vec, mod, rope):
     sh, sc, g = self.modulation(vec) if self.modulation is not None else mod
-    h = self.linear1(modulate(x, sh, sc))
+    h = constrain(self.linear1(modulate(x, sh, sc)), HIDDEN)
     q, k, v = split_heads(h[..., :3 * self.hidden], 3, self.num_heads)
     q, k = self.norm(q, k, v)
     a = attention(q, k, v, rope, self.attention)
@@ -170,23 +172,29 @@ class FluxTransformer(nnx.Module):
     if s.family == "flux2":
       mods = (self.double_stream_modulation_img(v), self.double_stream_modulation_txt(v),
               self.single_stream_modulation(v))
-    return Streams(img=self.img_in(img), txt=self.txt_in(txt), vec=v, rope=rope, mods=mods)
+    return Streams(img=constrain(self.img_in(img), TOKENS), txt=constrain(self.txt_in(txt), TOKENS),
+                   vec=v, rope=rope, mods=mods)
 
   def run_double(self, st: Streams) -> Streams:
     mod_img, mod_txt = st.mods[:2] if st.mods else (None, None)
-    img, txt = scan_blocks(
-        self.double_blocks, (st.img, st.txt),
-        lambda blk, c: blk(c[0], c[1], st.vec, mod_img, mod_txt, st.rope),
-        remat=self.spec.remat, scan=self.spec.scan_layers)
+    with jax.named_scope("double_blocks"):
+      img, txt = scan_blocks(
+          self.double_blocks, (st.img, st.txt),
+          lambda blk, c: blk(c[0], c[1], st.vec, mod_img, mod_txt, st.rope),
+          remat=self.spec.remat_for("double_blocks"), scan=self.spec.scan_layers,
+          axes=(TOKENS, TOKENS))
     return dataclasses.replace(st, img=img, txt=txt)
 
   def run_single(self, st: Streams) -> jax.Array:
     """Single blocks over [txt; img] then the final layer on the image tokens."""
     mod = st.mods[2] if st.mods else None
     x = jnp.concatenate([st.txt, st.img], axis=1)
-    x = scan_blocks(self.single_blocks, x, lambda blk, c: blk(c, st.vec, mod, st.rope),
-                    remat=self.spec.remat, scan=self.spec.scan_layers)
-    out = self.final_layer(x[:, st.txt.shape[1]:], st.vec)
+    with jax.named_scope("single_blocks"):
+      x = scan_blocks(self.single_blocks, x, lambda blk, c: blk(c, st.vec, mod, st.rope),
+                      remat=self.spec.remat_for("single_blocks"), scan=self.spec.scan_layers,
+                      axes=TOKENS)
+    with jax.named_scope("final_layer"):
+      out = self.final_layer(x[:, st.txt.shape[1]:], st.vec)
     return out.astype(jnp.float32)
 
   def __call__(self, img, img_ids, txt, txt_ids, timesteps, vec=None, guidance=None) -> jax.Array:

@@ -16,8 +16,17 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from cotir_jax.models import attention as kernels
+from cotir_jax.sharding import constrain
 
 Axes = tuple[str | None, ...]
+# Logical names of activations (mapped to mesh axes by the rule table in sharding.py).
+TOKENS = ("batch", "length", "act_embed")       # [B, L, width]
+HEADS = ("batch", "length", "act_heads", None)  # [B, L, H, D]
+HIDDEN = ("batch", "length", "act_mlp")         # [B, L, widened / fused projection]
+IMAGE = ("batch", None, None, None)             # [B, H, W, C] (VAE)
 
 
 def param(value: jax.Array, axes: Axes, kind: type[nnx.Variable] = nnx.Param) -> nnx.Variable:
@@ -215,16 +224,24 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation="xla") -> ja
   `implementation`: a `model.attention` name ("xla", "cudnn", "splash") or an
   `attention.AttentionSpec` with the kernel's block sizes; scale 1/sqrt(D), no mask (spec §2).
   """
-  from cotir_jax.models import attention as kernels  # local: `attention` is a function here
   out = kernels.attend(q, k, v, implementation)
   return out.reshape(*out.shape[:2], -1)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, rope: tuple[jax.Array, jax.Array],
-              implementation: str = "xla") -> jax.Array:
-  """Full bidirectional attention with RoPE on q, k ([B, L, H, D]); returns [B, L, H·D]."""
+              implementation: str = "xla", q_rope: tuple[jax.Array, jax.Array] | None = None
+              ) -> jax.Array:
+  """Full bidirectional attention with RoPE on q, k ([B, L, H, D]); returns [B, Lq, H·D].
+
+  `q_rope` gives the queries' own cos/sin when they are a subset of the keys' positions (the
+  CoT adapter's text rows). q, k, v (after RoPE) and the output are named for remat policies
+  and pinned batch-sharded / head-sharded.
+  """
   cos, sin = rope
-  return attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, implementation)
+  qc, qs = q_rope or rope
+  q, k, v = (checkpoint_name(constrain(x, HEADS), QKV)
+             for x in (apply_rope(q, qc, qs), apply_rope(k, cos, sin), v))
+  return checkpoint_name(constrain(attend(q, k, v, implementation), HIDDEN), ATTENTION_OUT)
 
 
 def split_heads(x: jax.Array, parts: int, num_heads: int) -> list[jax.Array]:
@@ -305,27 +322,57 @@ def stack_blocks(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs)
   return build(rngs)
 
 
+# Names of saveable intermediates (`jax.ad_checkpoint.checkpoint_name`) the policies refer to.
+QKV, ATTENTION_OUT = "qkv", "attention_out"
+
+_save = jax.checkpoint_policies.save_only_these_names
+
+
+def _offload(*names):
+  return jax.checkpoint_policies.save_and_offload_only_these_names(
+      names_which_can_be_saved=[], names_which_can_be_offloaded=list(names),
+      offload_src="device", offload_dst="pinned_host")
+
+
+# What each block keeps for the backward pass (everything else is recomputed):
+# full: only the block input; dots: every matmul output without batch dims; save_attention:
+# the attention output (the costliest op to recompute; with the splash kernel also its
+# residuals, so its forward kernel is not re-run); save_qkv_attention: also q, k, v after
+# RoPE; offload_attention: the attention output moved to host memory (TPU / GPU only).
 REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "none": None,
+    "full": lambda: None,
+    "dots": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention": lambda: _save(ATTENTION_OUT, kernels.RESIDUALS),
+    "save_qkv_attention": lambda: _save(QKV, ATTENTION_OUT, kernels.RESIDUALS),
+    "offload_attention": lambda: _offload(ATTENTION_OUT, kernels.RESIDUALS),
 }
 
 
 def scan_blocks(blocks: nnx.Module, carry, fn: Callable, *, remat: str = "none",
-                scan: bool = True):
+                scan: bool = True, axes=None):
   """Runs `carry = fn(block_i, carry)` over stacked blocks with `jax.lax.scan`.
 
-  `remat` ("none" | "full" | "dots") rematerialises each block in the backward pass, so
+  `remat` (a key of REMAT_POLICIES) rematerialises each block in the backward pass, so
   activation memory is one block's worth instead of depth × block. `scan=False` unrolls
-  (same parameters, same result) for debugging and profiling.
+  (same parameters, same result) for debugging and profiling. `axes`: logical activation names
+  for the carry's leaves (a pytree prefix of it; None leaves a leaf alone) — the carry is pinned
+  to them at every block boundary (`sharding.constrain`).
   """
   graphdef, state = nnx.split(blocks)
+  pin = (lambda c: c) if axes is None else (lambda c: jax.tree.map(
+      lambda names, x: x if names is None else constrain(x, names), axes, c,
+      is_leaf=lambda n: n is None or (isinstance(n, tuple) and all(isinstance(a, (str, type(None)))
+                                                                   for a in n))))
 
   def body(c, block_state):
-    return fn(nnx.merge(graphdef, block_state), c), None
+    return pin(fn(nnx.merge(graphdef, block_state), c)), None
 
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat policy {remat!r} is not one of {sorted(REMAT_POLICIES)}")
   if remat != "none":
-    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat](), prevent_cse=not scan)
+  carry = pin(carry)
   if scan:
     carry, _ = jax.lax.scan(body, carry, state)
     return carry

@@ -41,8 +41,13 @@ class ModelSpec:
   trainable_dtype: object  # LoRA + adapter: float32 masters, bfloat16 under compat="upstream"
   upstream: bool           # compat="upstream": bf16 ids / RoPE / timesteps (spec §12)
   attention: AttentionSpec | str  # a bare name: default block sizes
-  remat: str
+  remat: str               # remat policy of every scanned stack (layers.REMAT_POLICIES) ...
   scan_layers: bool
+  remat_overrides: tuple[tuple[str, str], ...] = ()  # ... except these (part, policy) pairs
+
+  def remat_for(self, part: str) -> str:
+    """The remat policy of one scanned stack: double_blocks, single_blocks or cot_adapter."""
+    return dict(self.remat_overrides).get(part, self.remat)
 
   @property
   def head_dim(self) -> int:
@@ -71,7 +76,9 @@ class ModelSpec:
         lora=LoRASpec(lora.rank, float(lora.scale), lora.init) if lora.enabled else None,
         dtype=dtype_of(m.dtype), param_dtype=dtype_of(m.param_dtype),
         trainable_dtype=jnp.bfloat16 if upstream else jnp.float32, upstream=upstream,
-        attention=AttentionSpec.from_config(m), remat=m.remat_policy, scan_layers=bool(m.scan_layers))
+        attention=AttentionSpec.from_config(m), remat=m.remat_policy, scan_layers=bool(m.scan_layers),
+        remat_overrides=tuple((part, policy) for part, policy in m.get("remat", {}).items()
+                              if policy))
 
   def replace(self, **kw) -> "ModelSpec":
     return dataclasses.replace(self, **kw)

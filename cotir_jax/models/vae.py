@@ -24,7 +24,8 @@ import ml_collections
 from flax import nnx
 from ml_collections import config_dict
 
-from cotir_jax.models.layers import Dense, dtype_of, param, torch_uniform
+from cotir_jax.models.layers import IMAGE, Dense, dtype_of, param, torch_uniform
+from cotir_jax.sharding import constrain
 
 FAMILIES = ("flux2", "flux1")
 
@@ -92,7 +93,7 @@ class ResnetBlock(nnx.Module):
     h = self.conv2(self.norm2(h, act=True).astype(self.dtype))
     if self.conv_shortcut is not None:
       x = self.conv_shortcut(x)
-    return x + h
+    return constrain(x + h, IMAGE)  # each chip convolves its own images
 
 
 class Attention(nnx.Module):

@@ -1,28 +1,35 @@
-"""Builds what training runs: graph definitions and sharded states of the CoTIR model and the
-frozen encoders, and the host tokenizers.
+"""Builds what training runs: graph definitions and states of the CoTIR model and the frozen
+encoders, the batch layout, and the host tokenizers.
+
+Everything starts abstract (`abstract_states`: shapes and dtypes, no weight materialised), so
+the planner can compile a full-size step on a laptop; concrete states are created directly in
+their target shardings, under `jax.jit` with `out_shardings` or by an Orbax restore, which works
+when the devices span several processes (multi-host) and never holds a full-size base twice.
 
 Without `model.pretrained` every module is randomly initialised from the config (the tiny
 configs). With it, the frozen weights come from a checkpoint written by
 `convert/diffusers_to_orbax.py`: the encoders are rebuilt from the configs stored in its
 manifest (so `model.vae` / `model.text_encoder` / `model.clip` are not used), every frozen array
-is restored directly into its target sharding, and only the trainable LoRA + adapter weights are
-initialised — inside `jax.jit`, where XLA drops the random init of everything frozen, so a
-full-size base never exists twice on the host.
+is restored into its sharding, and only the trainable LoRA + adapter weights are initialised —
+inside `jax.jit`, where XLA drops the random init of everything frozen.
 """
 
 from __future__ import annotations
 
-
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from cotir_jax import models, sharding, tokenization
+from cotir_jax.data.decode import TEXT_FIELDS
 from cotir_jax.models.layers import dtype_of
 from cotir_jax.models.text import build_text_encoder
 from cotir_jax.models.vae import build_vae
+from cotir_jax.train.step import Graphs
 
 # our module name → name in a converted base checkpoint
 BASE_NAMES = {"vae": "vae", "text": "text_encoder", "clip": "clip"}
+CLIP_LENGTH = 77  # CLIP's context, as upstream tokenizes it (spec §9.4)
 
 
 def _encoders_from_config(cfg, rngs) -> dict:
@@ -46,7 +53,7 @@ def _encoders_from_base(cfg) -> dict:
   return out
 
 
-def _split(modules: dict):
+def _split(modules: dict) -> tuple[Graphs, dict]:
   """(graphs, states): the model splits into trainable `params` and frozen `model` state."""
   gd_model, params, frozen_model = nnx.split(modules["model"], models.TRAINABLE, ...)
   graphs, states = {"model": gd_model}, {"params": params, "model": frozen_model}
@@ -55,52 +62,85 @@ def _split(modules: dict):
       graphs[name], states[name] = nnx.split(modules[name])
     else:
       graphs[name] = None
-  return graphs, states
+  return Graphs(**graphs), states
 
 
-def build_states(cfg, mesh, rules):
-  """(graphs, params, frozen): graph definitions, the trainable state and the frozen states
-  ({"model", "vae", "text"[, "clip"]}), all placed with the rule-table shardings."""
+def _modules_from_config(cfg) -> dict:
+  rngs = nnx.Rngs(cfg.seed)  # the model first: its draws do not depend on the encoders
+  return {"model": models.CoTIR(cfg.model, rngs=rngs), **_encoders_from_config(cfg, rngs)}
+
+
+def abstract_states(cfg) -> tuple[Graphs, dict]:
+  """(graphs, states) with ShapeDtypeStruct leaves: {"params", "model", "vae", "text"[, "clip"]}."""
   if not cfg.model.pretrained:
-    rngs = nnx.Rngs(cfg.seed)
-    graphs, states = _split({"model": models.CoTIR(cfg.model, rngs=rngs),
-                             **_encoders_from_config(cfg, rngs)})
-    states = sharding.place(states, sharding.tree_shardings(states, mesh, rules))
-    return graphs, states.pop("params"), states
+    graphs, states = _split(nnx.eval_shape(lambda: _modules_from_config(cfg)))
+  else:
+    model = nnx.eval_shape(lambda: models.CoTIR(cfg.model, rngs=nnx.Rngs(cfg.seed)))
+    graphs, states = _split({"model": model, **_encoders_from_base(cfg)})
+  return graphs, {k: v for k, v in states.items() if v is not None}
+
+
+def init_params(cfg):
+  """The trainable LoRA + adapter state, freshly initialised (call under jit)."""
+  return nnx.state(models.CoTIR(cfg.model, rngs=nnx.Rngs(cfg.seed)), models.TRAINABLE)
+
+
+def init_frozen(cfg, abstract: dict) -> dict:
+  """Concrete frozen states {"model", "vae", "text"[, "clip"]} in the shardings that the
+  ShapeDtypeStruct leaves of `abstract` carry: random (jitted) or restored from the base."""
+  frozen_abstract = {k: v for k, v in abstract.items() if k != "params"}
+  if not cfg.model.pretrained:
+    def init():
+      _, states = _split(_modules_from_config(cfg))
+      return {k: states[k] for k in frozen_abstract}
+    shardings = jax.tree.map(lambda a: a.sharding, frozen_abstract)
+    return jax.jit(init, out_shardings=shardings)()
 
   from cotir_jax.convert.base import restore_base_params
-  abstract_model = nnx.eval_shape(lambda: models.CoTIR(cfg.model, rngs=nnx.Rngs(cfg.seed)))
-  graphs, abstract = _split({"model": abstract_model, **_encoders_from_base(cfg)})
-  shardings = sharding.tree_shardings(abstract, mesh, rules)
-
-  def init_params():
-    model = models.CoTIR(cfg.model, rngs=nnx.Rngs(cfg.seed))
-    return nnx.state(model, models.TRAINABLE)
-
-  params = jax.jit(init_params, out_shardings=shardings["params"])()
-
   targets = {}
-  for ours, state in abstract.items():
-    if ours == "params":
-      continue
-    pure, shard = nnx.to_pure_dict(state), nnx.to_pure_dict(shardings[ours])
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          pure, shard)
+  for ours, state in frozen_abstract.items():
+    pure = nnx.to_pure_dict(state)
     if ours == "model":
-      targets["transformer"] = target["backbone"]
+      targets["transformer"] = pure["backbone"]
     else:
-      targets[BASE_NAMES[ours]] = target
+      targets[BASE_NAMES[ours]] = pure
   restored = restore_base_params(cfg.model.pretrained, tuple(targets), targets=targets)
   frozen = {}
-  for ours, state in abstract.items():
-    if ours == "params":
-      continue
+  for ours, state in frozen_abstract.items():
+    state = jax.tree.map(lambda x: x, state)  # a copy whose leaves are replaced below
     if ours == "model":
       nnx.replace_by_pure_dict(state, {"backbone": restored["transformer"]})
     else:
       nnx.replace_by_pure_dict(state, restored[BASE_NAMES[ours]])
     frozen[ours] = state
-  return graphs, params, frozen
+  return frozen
+
+
+def build_states(cfg, mesh, rules=None):
+  """(graphs, params, frozen): concrete trainable and frozen states placed with the rule-table
+  shardings on `mesh` (for inference and tools; training goes through `program.Program`)."""
+  graphs, abstract = abstract_states(cfg)
+  abstract = sharding.abstract_with_shardings(abstract, sharding.tree_shardings(abstract, mesh, rules))
+  params_sh = jax.tree.map(lambda a: a.sharding, abstract["params"])
+  params = jax.jit(lambda: init_params(cfg), out_shardings=params_sh)()
+  return graphs, params, init_frozen(cfg, abstract)
+
+
+def tokenizer_lengths(cfg) -> dict[str, int]:
+  """Host tokenizers by the name the data batches use, with their fixed lengths."""
+  n = int(cfg.data.max_length)
+  return {"qwen": n} if cfg.model.family == "flux2" else {"t5": n, "clip": CLIP_LENGTH}
+
+
+def batch_spec(cfg, batch: int, patch: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of a training batch (the data pipeline's arrays, `meta` aside)."""
+  image = jax.ShapeDtypeStruct((batch, patch, patch, 3), jnp.float32)
+  spec = {"hq": image, "lq": image}
+  for name, length in tokenizer_lengths(cfg).items():
+    for field in TEXT_FIELDS:
+      for part in ("ids", "mask"):
+        spec[f"{field}_{name}_{part}"] = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+  return spec
 
 
 def _tokenizer_dir(cfg, field: str, base_module: str) -> str:
@@ -118,8 +158,11 @@ def _tokenizer_dir(cfg, field: str, base_module: str) -> str:
 
 def build_tokenizers(cfg) -> dict:
   """Host tokenizers keyed as the data pipeline names its arrays: qwen (FLUX.2) or t5 + clip."""
-  n = cfg.data.max_length
+  n = tokenizer_lengths(cfg)
   if cfg.model.family == "flux2":
-    return {"qwen": tokenization.QwenChatTokenizer(_tokenizer_dir(cfg, "tokenizer", "text_encoder"), n)}
-  return {"t5": tokenization.T5TextTokenizer(_tokenizer_dir(cfg, "tokenizer_2", "text_encoder"), n),
-          "clip": tokenization.CLIPTextTokenizer(_tokenizer_dir(cfg, "tokenizer", "clip"), 77)}
+    return {"qwen": tokenization.QwenChatTokenizer(_tokenizer_dir(cfg, "tokenizer", "text_encoder"),
+                                                   n["qwen"])}
+  return {"t5": tokenization.T5TextTokenizer(_tokenizer_dir(cfg, "tokenizer_2", "text_encoder"),
+                                             n["t5"]),
+          "clip": tokenization.CLIPTextTokenizer(_tokenizer_dir(cfg, "tokenizer", "clip"),
+                                                 n["clip"])}

@@ -130,17 +130,23 @@ def model_inputs(x_t, x_c, ids_tgt, ids_cnd, txt, txt_ids, t, compat: str = "def
 
 # --------------------------------------------------------------------------- flow matching
 
-def sample_timesteps(key: jax.Array, batch: int) -> jax.Array:
-  """t = sigmoid(ε), ε ~ N(0, 1), float32 [B] (logit-normal, no shift)."""
-  return jax.nn.sigmoid(jax.random.normal(key, (batch,), jnp.float32))
+def sample_timesteps(keys: jax.Array) -> jax.Array:
+  """t = sigmoid(ε), ε ~ N(0, 1) per row key, float32 [B] (logit-normal, no shift)."""
+  return jax.nn.sigmoid(jax.vmap(lambda k: jax.random.normal(k, (), jnp.float32))(keys))
 
 
-def flow_matching_inputs(key: jax.Array, x_1: jax.Array, compat: str = "default"):
+def flow_matching_inputs(keys: jax.Array, x_1: jax.Array, compat: str = "default"):
   """Returns (x_t, x_0, t): noise x_0 in the input dtype (bf16 under compat, spec §12), t f32,
-  x_t = (1 − t)·x_1 + t·x_0 in float32 (type promotion, as upstream)."""
-  k_noise, k_t = jax.random.split(key)
-  x_0 = jax.random.normal(k_noise, x_1.shape, input_dtype(compat))
-  t = sample_timesteps(k_t, x_1.shape[0])
+  x_t = (1 − t)·x_1 + t·x_0 in float32 (type promotion, as upstream).
+
+  `keys`: one key per row [B] (each sample's draws depend only on its own key), or a single
+  key, split into one per row.
+  """
+  if keys.ndim == 0:
+    keys = jax.random.split(keys, x_1.shape[0])
+  pairs = jax.vmap(jax.random.split)(keys)
+  x_0 = jax.vmap(lambda k: jax.random.normal(k, x_1.shape[1:], input_dtype(compat)))(pairs[:, 0])
+  t = sample_timesteps(pairs[:, 1])
   tt = t[:, None, None]
   x_t = (1.0 - tt) * x_1.astype(jnp.float32) + tt * x_0.astype(jnp.float32)
   return x_t, x_0, t

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cotir_jax.models.layers import Dense, scan_blocks, stack_blocks
+from cotir_jax.models.layers import TOKENS, Dense, scan_blocks, stack_blocks
 from cotir_jax.models.text.common import (Embed, LayerNorm, activation, attend, causal_mask,
                                           combine_masks, inv_sqrt, padding_mask)
 
@@ -141,7 +141,8 @@ class CLIPTextEncoder(nnx.Module):
     pos = self.position_embedding.embedding[...][:l].astype(self.dtype)
     x = self.token_embedding(ids) + pos[None]
     attn_mask = combine_masks(causal_mask(l), padding_mask(mask))
-    x = scan_blocks(self.layers, x, lambda layer, h: layer(h, attn_mask), scan=self.scan)
+    x = scan_blocks(self.layers, x, lambda layer, h: layer(h, attn_mask), scan=self.scan,
+                    axes=TOKENS)
     x = self.final_layer_norm(x)
     pooled = jnp.take_along_axis(x, self.pool_positions(ids)[:, None, None], axis=1)[:, 0]
     return (pooled, x) if return_hidden else pooled

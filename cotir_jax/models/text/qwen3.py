@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cotir_jax.models.layers import Dense, RMSNorm, scan_blocks, stack_blocks
+from cotir_jax.models.layers import TOKENS, Dense, RMSNorm, scan_blocks, stack_blocks
 from cotir_jax.models.text.common import (Embed, activation, attend, causal_mask, combine_masks,
                                           inv_sqrt, padding_mask)
 
@@ -202,7 +202,8 @@ class Qwen3Embedder(nnx.Module):
       buf = jax.lax.dynamic_update_index_in_dim(buf, x, slot_of[i + 1], 0)
       return x, buf, i + 1
 
-    _, buf, _ = scan_blocks(self.layers, (h, buf, jnp.int32(0)), body, scan=self.scan)
+    _, buf, _ = scan_blocks(self.layers, (h, buf, jnp.int32(0)), body, scan=self.scan,
+                            axes=(TOKENS, (None,) + TOKENS, None))
     order = jnp.asarray([wanted.index(k) for k in cfg.hidden_layers])
     feats = buf[order]                                  # [n, B, L, d]
     return jnp.transpose(feats, (1, 2, 0, 3)).reshape(b, l, -1)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cotir_jax.models.layers import Dense, RMSNorm, param, scan_blocks, stack_blocks
+from cotir_jax.models.layers import TOKENS, Dense, RMSNorm, param, scan_blocks, stack_blocks
 from cotir_jax.models.text.common import Embed, activation, attend, padding_mask
 
 
@@ -159,5 +159,6 @@ class T5Encoder(nnx.Module):
     x = self.shared(ids)
     bias = self.position_bias(ids.shape[1])
     key_mask = padding_mask(mask)
-    x = scan_blocks(self.blocks, x, lambda blk, h: blk(h, bias, key_mask), scan=self.scan)
+    x = scan_blocks(self.blocks, x, lambda blk, h: blk(h, bias, key_mask), scan=self.scan,
+                    axes=TOKENS)
     return self.final_layer_norm(x)

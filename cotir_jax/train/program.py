@@ -1,0 +1,230 @@
+"""The training program of a config on a set of devices: the mesh, the abstract (shape, dtype,
+sharding) state, frozen weights and batch of every stage, and the jitted step and validation
+sampler. `train` runs it; `cotir_jax.plan` compiles it for a TPU topology on a CPU without
+materialising a weight. Both go through here, so the plan compiles exactly what training runs.
+
+    prog = Program.build(cfg)                      # or devices=topology.devices
+    compiled = prog.step(stage).lower(prog.state, prog.frozen, prog.batch(stage)).compile()
+    state, frozen = prog.init_state(), prog.init_frozen()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from cotir_jax import quality, sharding
+from cotir_jax import sample as sampler
+from cotir_jax.train import modules
+from cotir_jax.train import objective as obj
+from cotir_jax.train import optim
+from cotir_jax.train.step import Graphs, guidance_for, make_train_step, text_key
+
+
+def enable_compile_cache(cfg) -> str | None:
+  """Turns on JAX's persistent compilation cache at `compile_cache_dir` (a resumed run or a
+  repeated stage loads its executable instead of compiling again); returns the directory."""
+  path = cfg.get("compile_cache_dir", "default")
+  if not path:
+    return None
+  if path == "default":
+    if jax.config.jax_compilation_cache_dir:  # set by JAX_COMPILATION_CACHE_DIR
+      return jax.config.jax_compilation_cache_dir
+    base = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    path = os.path.join(base, "cotir_jax", "jit")
+  jax.config.update("jax_compilation_cache_dir", path)
+  return path
+
+
+@dataclasses.dataclass
+class Program:
+  cfg: object
+  mesh: Mesh
+  rules: dict
+  graphs: Graphs
+  tx: optax.GradientTransformation
+  state: dict            # ShapeDtypeStructs carrying shardings
+  frozen: dict
+  mesh_note: str | None  # why the mesh differs from the config's, for the start-up line
+  compiles: dict = dataclasses.field(default_factory=dict)  # stage → traces of its step
+
+  @classmethod
+  def build(cls, cfg, devices=None) -> "Program":
+    """Mesh from `cfg.mesh` over `devices` (default: all), fitted to the stages' batches."""
+    devices = list(jax.devices() if devices is None else devices)
+    k = int(cfg.training.gradient_accumulation_steps)
+    micro = [int(b) // k for b in cfg.training.batch_sizes]
+    shape = sharding.mesh_shape(cfg.mesh, len(devices))
+    free = next((a for a in sharding.MESH_AXES if int(cfg.mesh[a]) == -1), None)
+    shape, note = sharding.fit_batches(shape, free, micro, int(cfg.model.num_heads))
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)), devices)
+    rules = sharding.rules_from_config(cfg.mesh)
+
+    graphs, abstract = modules.abstract_states(cfg)
+    shardings = sharding.tree_shardings(abstract, mesh, rules)
+    abstract = sharding.abstract_with_shardings(abstract, shardings)
+    tx = optim.make_optimizer(cfg)
+    state = jax.eval_shape(lambda: _fresh_state(cfg, tx, modules.init_params(cfg)))
+    state = sharding.abstract_with_shardings(state, sharding.tree_shardings(state, mesh, rules))
+    frozen = {k: v for k, v in abstract.items() if k != "params"}
+    return cls(cfg=cfg, mesh=mesh, rules=rules, graphs=graphs, tx=tx, state=state,
+               frozen=frozen, mesh_note=note)
+
+  # ------------------------------------------------------------------ shardings and shapes
+  @property
+  def state_shardings(self):
+    return _shardings(self.state)
+
+  @property
+  def frozen_shardings(self):
+    return _shardings(self.frozen)
+
+  def batch(self, stage: int) -> dict:
+    """The stage's global batch as ShapeDtypeStructs sharded over the batch axes."""
+    t = self.cfg.training
+    spec = modules.batch_spec(self.cfg, int(t.batch_sizes[stage]), int(t.patch_sizes[stage]))
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                    sharding=sharding.batch_sharding(self.mesh, v.shape, self.rules))
+            for k, v in spec.items()}
+
+  # ------------------------------------------------------------------ concrete states
+  def init_state(self) -> dict:
+    """Fresh training state, created inside jit directly in its shardings (multi-host safe)."""
+    cfg, tx = self.cfg, self.tx
+    return jax.jit(lambda: _fresh_state(cfg, tx, modules.init_params(cfg)),
+                   out_shardings=self.state_shardings)()
+
+  def init_frozen(self) -> dict:
+    """Frozen weights: random (tiny configs) or restored from `model.pretrained`."""
+    return modules.init_frozen(self.cfg, self.frozen)
+
+  # ------------------------------------------------------------------ functions
+  def step(self, stage: int):
+    """`jit(step)(state, frozen, batch) -> (state, metrics)` for one stage's shapes; the state
+    is donated. Tracing counts in `self.compiles[stage]` (one compile per stage)."""
+    train_step = make_train_step(self.cfg, self.graphs, self.tx)
+    self.compiles.setdefault(stage, 0)
+
+    def fn(state, frozen, batch):
+      self.compiles[stage] += 1  # runs at trace time only
+      with sharding.activation_sharding(self.mesh, self.rules):
+        return train_step(state, frozen, batch)
+
+    return jax.jit(fn, in_shardings=(self.state_shardings, self.frozen_shardings,
+                                     _shardings(self.batch(stage))),
+                   out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+                   donate_argnums=(0,))
+
+  def lower(self, stage: int):
+    """The stage's step lowered for its abstract state, frozen weights and batch. Traced under
+    the mesh (`jax.set_mesh`), which Pallas kernels' shard_map reads (models/attention.py)."""
+    with jax.set_mesh(self.mesh):
+      return self.step(stage).lower(self.state, self.frozen, self.batch(stage))
+
+  def validate(self):
+    """`validate(params, frozen, batch) -> (images, scores)`: images (hq, lq, result_gen,
+    result_spe) in [-1, 1] and per-image PSNR / SSIM of both results against HQ (what
+    `cotir_jax.evaluate` gives for the saved PNGs), replicated on every device; `batch` holds
+    the validation samples (any small batch)."""
+    fn = make_validate(self.cfg, self.graphs)
+
+    def run(params, frozen, batch):
+      with sharding.activation_sharding(self.mesh, self.rules):
+        return fn(params, frozen, batch)
+
+    jitted = jax.jit(run, out_shardings=sharding.replicated(self.mesh))
+
+    def call(params, frozen, batch):
+      with jax.set_mesh(self.mesh):
+        return jitted(params, frozen, batch)
+
+    return call
+
+  def place_batch(self, local: dict, stage: int | None = None) -> dict:
+    """Per-process numpy rows → global arrays (this process's contiguous share of the batch).
+
+    With `stage`, the batch must have that stage's layout (a clear error otherwise); without,
+    a small batch every process holds in full (validation) is replicated."""
+    if stage is None:
+      rep = sharding.replicated(self.mesh)
+      return {k: sharding.global_array(v, rep) for k, v in local.items()}
+    want = self.batch(stage)
+    if set(local) != set(want):
+      raise ValueError(f"data batch has fields {sorted(local)}, the step expects {sorted(want)}")
+    out = {}
+    for k, v in local.items():
+      shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
+      if shape != want[k].shape or v.dtype != want[k].dtype:
+        raise ValueError(f"data batch field {k!r}: {shape} {v.dtype} across processes, the step "
+                         f"expects {want[k].shape} {want[k].dtype}")
+      out[k] = jax.make_array_from_process_local_data(want[k].sharding, v, want[k].shape)
+    return out
+
+  def bytes_per_device(self, tree) -> int:
+    """Bytes one device holds of an abstract tree (its shard of every leaf)."""
+    total = 0
+    for a in jax.tree.leaves(tree):
+      if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+        continue  # the RNG key: a few bytes
+      shard = a.sharding.shard_shape(a.shape) if a.sharding is not None else a.shape
+      total += math.prod(shard) * jnp.dtype(a.dtype).itemsize
+    return total
+
+
+def _fresh_state(cfg, tx, params) -> dict:
+  lambdas = optim.init_lambdas()
+  return {"params": params, "lambdas": lambdas,
+          "opt_state": tx.init({"params": params, "lambdas": lambdas}),
+          "step": jnp.zeros((), jnp.int32), "rng": jax.random.key(cfg.seed),
+          "nonfinite_step": jnp.full((), -1, jnp.int32)}
+
+
+def _shardings(abstract):
+  return jax.tree.map(lambda a: a.sharding, abstract)
+
+
+def make_validate(cfg, graphs: Graphs):
+  """`validate(params, frozen, batch) -> ((hq, lq, result_gen, result_spe), scores)`: images
+  in [-1, 1] from the Euler sampler of spec §15 on the LQ latents with the generic and the
+  specific prompt, and per-image PSNR / SSIM of the 8-bit results against HQ."""
+  family, name = cfg.model.family, text_key(cfg.model.family)
+
+  def validate(params, frozen, batch):
+    vae = nnx.merge(graphs.vae, frozen["vae"])
+    model = nnx.merge(graphs.model, params, frozen["model"])
+    encoder = nnx.merge(graphs.text, frozen["text"])
+    lat_lq = vae.encode(batch["lq"])
+    x_c = obj.image_tokens(lat_lq, family)
+    grid = obj.token_grid(lat_lq.shape, family)
+    b = x_c.shape[0]
+    results = []
+    for which in ("gen", "spe"):
+      ids = batch[f"{which}_{name}_ids"]
+      txt = encoder(ids, batch[f"{which}_{name}_mask"]) if family == "flux2" else encoder(ids)
+      vec = None
+      if graphs.clip is not None:
+        vec = nnx.merge(graphs.clip, frozen["clip"])(batch[f"{which}_clip_ids"])
+      ids_tgt, ids_cnd, txt_ids = obj.position_ids(b, grid, txt.shape[1], family)
+      g = guidance_for(cfg, b)
+      tokens = sampler.euler_sample(
+          lambda img, img_ids, t, t_ids, ts, v, _g: model(img, img_ids, t, t_ids, ts, vec=v,
+                                                          guidance=g)[0],
+          x_c, ids_tgt, ids_cnd, txt, txt_ids, num_steps=cfg.training.num_steps, family=family,
+          key=jax.random.key(42), vec=vec, guidance=None if g is None else cfg.training.guidance)
+      results.append(vae.decode(obj.tokens_to_latents(tokens, grid, family)))
+    ref = quality.quantize(batch["hq"])  # the 8-bit PNG values, in [0, 1]
+    scores = {}
+    for which, res in zip(("gen", "spe"), results):
+      scores[f"val_psnr_{which}"] = quality.psnr(quality.quantize(res), ref)
+      scores[f"val_ssim_{which}"] = quality.ssim(quality.quantize(res), ref)
+    return (batch["hq"], batch["lq"], results[0], results[1]), scores
+
+  return validate
+
