@@ -210,8 +210,13 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   # again. "default": $XDG_CACHE_HOME/cotir_jax/jit; "" turns it off.
   c.compile_cache_dir = "default"
 
+  # `python -m cotir_jax.restore` (its flags override these); upstream's test_cotir-*.yaml / test.py
   c.inference = ml_collections.ConfigDict()
   c.inference.num_steps = 20 if c.model.family == "flux1" else 5
+  c.inference.seed = 42            # noise seed; not `seed`, which makes the tiny base weights
+  c.inference.prompt = "Make this picture clearer."  # upstream's generic prompt (README, samples/)
+  c.inference.batch_size = 0       # images per sampler call; 0: one per data-parallel device
+  c.inference.max_long_edge = config_dict.placeholder(int)  # shrink larger images first (PIL bicubic)
 
   # Full-size default: FSDP over every chip (weights, optimizer state and the batch sharded
   # together); -1 = all devices not used by the other axes, fitted to the stages' global
@@ -329,6 +334,12 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     v = cfg.mesh[key]
     if not isinstance(v, int) or (v < 1 and v != -1):
       raise ConfigError(f"mesh.{key}={v!r} must be a positive int or -1")
+  inf = cfg.inference
+  for key, low in (("num_steps", 1), ("batch_size", 0)):
+    if not isinstance(inf[key], int) or inf[key] < low:
+      raise ConfigError(f"inference.{key}={inf[key]!r} must be an int >= {low}")
+  if inf.max_long_edge is not None and inf.max_long_edge < 16:
+    raise ConfigError(f"inference.max_long_edge={inf.max_long_edge} must be at least 16")
   return cfg
 
 

@@ -2,7 +2,9 @@
 
 Time runs from t = 1 (noise) to t = 0 (data); the model predicts v = noise − data, so each step
 is x ← x + (t_next − t_cur)·v. The clean conditioning tokens are re-fed every step with the
-same timestep as the noisy tokens (BFL's non-cached `denoise`).
+same timestep as the noisy tokens (BFL's non-cached `denoise`). `restore_images` is the whole
+LQ → result path (VAE encode, sample, decode); `resize_bicubic` and `to_uint8` are upstream's
+host-side resize and output cast.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cotir_jax.train import objective as obj
 
 
 def _time_shift(mu: float, ts: np.ndarray) -> np.ndarray:
@@ -68,7 +72,8 @@ def schedule(family: str, num_steps: int, image_seq_len: int) -> list[float]:
 def euler_sample(velocity_fn: Callable, x_c: jax.Array, img_ids: jax.Array, cond_ids: jax.Array,
                  txt: jax.Array, txt_ids: jax.Array, *, num_steps: int, family: str,
                  key: jax.Array | None, vec: jax.Array | None = None, guidance: float | None = 4.0,
-                 noise: jax.Array | None = None, dtype=None) -> jax.Array:
+                 noise: jax.Array | None = None, dtype=None,
+                 timesteps: jax.Array | None = None) -> jax.Array:
   """Restores target tokens [B, N_tgt, C] from clean conditioning tokens x_c [B, N_cnd, C].
 
   `velocity_fn(img, img_ids, txt, txt_ids, timesteps, vec, guidance)` returns the velocity of
@@ -76,11 +81,15 @@ def euler_sample(velocity_fn: Callable, x_c: jax.Array, img_ids: jax.Array, cond
   has x_c's shape (N_tgt = N_cnd in CoTIR). The schedule is static (num_steps and N are
   shapes), the loop is a `fori_loop`, so the whole call can sit under `jax.jit`.
   `noise` overrides the N(0, I) start drawn from `key`; `dtype` is the token dtype fed to the
-  model (x_c's dtype by default; bf16 reproduces upstream's bf16 inference).
+  model (x_c's dtype by default; bf16 reproduces upstream's bf16 inference). `timesteps`
+  [B, num_steps + 1] gives every sample its own schedule (images padded to a shared shape keep
+  the schedule of their own token count); default: `schedule(family, num_steps, N_tgt)`.
   """
   dtype = dtype or x_c.dtype
   b, n_tgt = x_c.shape[0], x_c.shape[1]
-  ts = jnp.asarray(schedule(family, num_steps, n_tgt), jnp.float32)
+  if timesteps is None:
+    timesteps = jnp.asarray(schedule(family, num_steps, n_tgt), jnp.float32)
+  ts = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (b, num_steps + 1))
   if noise is None and key is None:
     raise ValueError("euler_sample needs a PRNG key (or the starting noise)")
   x = noise if noise is not None else jax.random.normal(key, x_c.shape, jnp.float32)
@@ -90,16 +99,75 @@ def euler_sample(velocity_fn: Callable, x_c: jax.Array, img_ids: jax.Array, cond
   cond = x_c.astype(dtype)
 
   def body(i, x):
-    t_cur, t_next = ts[i], ts[i + 1]
-    tvec = jnp.full((b,), t_cur, dtype)
-    v = velocity_fn(jnp.concatenate([x, cond], axis=1), ids, txt, txt_ids, tvec, vec, g)
+    t_cur, t_next = ts[:, i], ts[:, i + 1]
+    v = velocity_fn(jnp.concatenate([x, cond], axis=1), ids, txt, txt_ids, t_cur.astype(dtype),
+                    vec, g)
     v = v[:, :n_tgt]
-    return (x.astype(jnp.float32) + (t_next - t_cur) * v.astype(jnp.float32)).astype(dtype)
+    dt = (t_next - t_cur)[:, None, None]
+    return (x.astype(jnp.float32) + dt * v.astype(jnp.float32)).astype(dtype)
 
   return jax.lax.fori_loop(0, num_steps, body, x)
 
 
-def to_uint8(images: jax.Array) -> np.ndarray:
-  """Images in [-1, 1] → uint8 like upstream: clamp, (x + 1)·127.5, truncating cast."""
-  x = np.asarray(jnp.clip(jnp.asarray(images, jnp.float32), -1.0, 1.0))
+def restore_images(model, vae, lq: jax.Array, txt: jax.Array, *, family: str, num_steps: int,
+                   keys: jax.Array, vec: jax.Array | None = None, guidance: float | None = None,
+                   timesteps: jax.Array | None = None, dtype=None) -> jax.Array:
+  """LQ images [B, H, W, 3] in [-1, 1] → restored images of the same shape (spec §15).
+
+  The VAE latent tokens of the LQ images condition `num_steps` Euler steps of the CoTIR
+  `model` on text features `txt` (`vec`: FLUX.1's CLIP vector), starting from N(0, I) noise
+  drawn per sample from `keys` [B] (a result does not depend on its batch mates); the VAE
+  decodes the final tokens. H and W are multiples of 16.
+  """
+  lat = vae.encode(lq)
+  x_c = obj.image_tokens(lat, family)
+  grid = obj.token_grid(lat.shape, family)
+  ids_tgt, ids_cnd, txt_ids = obj.position_ids(lq.shape[0], grid, txt.shape[1], family)
+  noise = jax.vmap(lambda k: jax.random.normal(k, x_c.shape[1:], jnp.float32))(keys)
+  tokens = euler_sample(
+      lambda img, ids, t, t_ids, ts, v, g: model(img, ids, t, t_ids, ts, vec=v, guidance=g)[0],
+      x_c, ids_tgt, ids_cnd, txt, txt_ids, num_steps=num_steps, family=family, key=None,
+      vec=vec, guidance=guidance, noise=noise, dtype=dtype, timesteps=timesteps)
+  return vae.decode(obj.tokens_to_latents(tokens, grid, family))
+
+
+def to_uint8(images) -> np.ndarray:
+  """Images in [-1, 1] → uint8 like upstream: clamp, (x + 1)·127.5, truncating cast (on host)."""
+  x = np.clip(np.asarray(images, np.float32), -1.0, 1.0)
   return ((x + 1.0) * 127.5).astype(np.uint8)  # float → uint8 truncates toward zero
+
+
+def _cubic_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+  """(indices [n_out, 4], weights [n_out, 4]) of torch's bicubic, align_corners=False: source
+  x = (i + 0.5)·n_in/n_out − 0.5 (not clamped; one rounding, as torch's fused multiply-add
+  gives), Keys kernel a = −0.75, border taps clamped."""
+  a = np.float32(-0.75)
+  scale = np.float64(np.float32(n_in) / np.float32(n_out))
+  src = ((np.arange(n_out) + 0.5) * scale - 0.5).astype(np.float32)
+  i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+  t = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
+  near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1            # |x| <= 1
+  far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a       # 1 < |x| < 2
+  weights = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], -1).astype(np.float32)
+  index = np.clip(i0[:, None] + np.arange(-1, 3)[None, :], 0, n_in - 1)
+  return index, weights
+
+
+def _resize_axis(x: np.ndarray, size: int, axis: int) -> np.ndarray:
+  if x.shape[axis] == size:
+    return x
+  index, weights = _cubic_taps(x.shape[axis], size)
+  shape = [1] * x.ndim
+  shape[axis] = size
+  out = np.take(x, index[:, 0], axis=axis) * weights[:, 0].reshape(shape)
+  for k in range(1, 4):  # one tap at a time: no [.., size, 4, ..] temporary
+    out += np.take(x, index[:, k], axis=axis) * weights[:, k].reshape(shape)
+  return out
+
+
+def resize_bicubic(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  """HWC float32 → [height, width, C]: what `F.interpolate(mode="bicubic",
+  align_corners=False)` computes (no antialias, no clamping), as upstream's inference.py
+  resizes to a multiple of 16 and back."""
+  x = np.asarray(image, np.float32)
+  return _resize_axis(_resize_axis(x, height, 0), width, 1)
