@@ -126,7 +126,6 @@ def _train(cfg, workdir: str) -> dict:
           + (f"; config changed since the checkpoint: {'; '.join(map(str, config_changes))}"
              if config_changes else ""), flush=True)
 
-  validate = prog.validate()
   peak = flops.device_peak_flops(jax.devices()[0], cfg.training.peak_tflops)
   if peak is None:  # a device without a published peak (CPU): its own best matmul rate
     peak = flops.measured_peak_flops()
@@ -150,6 +149,7 @@ def _train(cfg, workdir: str) -> dict:
                                                                        jax.process_index()))
         t0 = time.perf_counter()
         jstep = prog.lower(stage).compile()
+        validate = prog.validate(stage) if cfg.training.val_steps > 0 else None
         count = flops.hlo_flops(jstep)  # matmul FLOPs one device runs per step, loops included
         global_batch = int(cfg.training.batch_sizes[stage])
         flops_log[stage] = {"per_device_per_step": count.total,
@@ -160,6 +160,8 @@ def _train(cfg, workdir: str) -> dict:
                 f"{global_batch}) compiled in {time.perf_counter() - t0:.1f} s; "
                 f"{count.global_total / global_batch / 1e12:.4g} TFLOP per sample, "
                 f"{count.total / 1e12:.4g} TFLOP per device per step", flush=True)
+        if jax.process_count() > 1:  # start together: gloo gives a new collective 30 s to form
+          multihost_utils.sync_global_devices(f"cotir_jax stage {stage} compiled")
         t_last, n_since, logged_at = time.perf_counter(), 0, step
         while step < stage_end:
           local = next(it)
@@ -172,7 +174,7 @@ def _train(cfg, workdir: str) -> dict:
           scores = {}
           if cfg.training.val_steps > 0 and step % cfg.training.val_steps == 0:
             # every process runs the (SPMD) sampler on the lead's first samples; the lead writes
-            val = {k: v[:cfg.data.val_batch_size] for k, v in local.items()}
+            val = {k: v[:prog.val_rows(stage)] for k, v in local.items()}
             if jax.process_count() > 1:
               val = multihost_utils.broadcast_one_to_all(val)
             images, scores = validate(state["params"], frozen, prog.place_batch(val))

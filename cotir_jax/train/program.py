@@ -128,24 +128,29 @@ class Program:
     with jax.set_mesh(self.mesh):
       return self.step(stage).lower(self.state, self.frozen, self.batch(stage))
 
-  def validate(self):
-    """`validate(params, frozen, batch) -> (images, scores)`: images (hq, lq, result_gen,
-    result_spe) in [-1, 1] and per-image PSNR / SSIM of both results against HQ (what
-    `cotir_jax.evaluate` gives for the saved PNGs), replicated on every device; `batch` holds
-    the validation samples (any small batch)."""
+  def val_rows(self, stage: int) -> int:
+    """Validation samples: data.val_batch_size, at most what one process reads per step."""
+    per_process = int(self.cfg.training.batch_sizes[stage]) // jax.process_count()
+    return min(int(self.cfg.data.val_batch_size), per_process)
+
+  def validate(self, stage: int):
+    """The compiled `validate(params, frozen, batch) -> (images, scores)` for the stage's patch
+    size: images (hq, lq, result_gen, result_spe) in [-1, 1] and per-image PSNR / SSIM of both
+    results against HQ (what `cotir_jax.evaluate` gives for the saved PNGs), replicated on every
+    device; `batch`: the lead's first `val_rows(stage)` samples, replicated (`place_batch`)."""
     fn = make_validate(self.cfg, self.graphs)
 
     def run(params, frozen, batch):
       with sharding.activation_sharding(self.mesh, self.rules):
         return fn(params, frozen, batch)
 
-    jitted = jax.jit(run, out_shardings=sharding.replicated(self.mesh))
-
-    def call(params, frozen, batch):
-      with jax.set_mesh(self.mesh):
-        return jitted(params, frozen, batch)
-
-    return call
+    rep = sharding.replicated(self.mesh)
+    spec = modules.batch_spec(self.cfg, self.val_rows(stage),
+                              int(self.cfg.training.patch_sizes[stage]))
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rep) for k, v in spec.items()}
+    with jax.set_mesh(self.mesh):
+      return jax.jit(run, out_shardings=rep).lower(self.state["params"], self.frozen,
+                                                   batch).compile()
 
   def place_batch(self, local: dict, stage: int | None = None) -> dict:
     """Per-process numpy rows → global arrays (this process's contiguous share of the batch).
