@@ -380,7 +380,8 @@ _HARMLESS_TARGETS = ("AllocateBuffer", "Sharding", "SPMDFullToShardShape", "SPMD
                      "MoveToHost", "MoveToDevice", "LayoutConstraint", "PadToStatic",
                      "SliceToDynamic", "annotate_device_placement", "X64Combine",
                      "X64SplitLow", "X64SplitHigh", "cu_threefry2x32", "Pin", "Unpin",
-                     "AssumeGatherIndicesInBound")
+                     "AssumeGatherIndicesInBound", "AsyncCollectiveStart",
+                     "AsyncCollectiveDone")
 # the ops that count FLOPs or call computations that may; everything else is skipped
 _VISITED = ("dot", "convolution", "custom-call", "while", "conditional", "fusion", "call",
             "async-start")

@@ -57,7 +57,7 @@ from cotir_jax.convert import orbax_io
 from cotir_jax.convert.core import ConversionError
 from cotir_jax.train import objective as obj
 from cotir_jax.train.modules import build_states, build_tokenizers
-from cotir_jax.train.program import enable_compile_cache
+from cotir_jax.train.program import configure_compiler
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")  # upstream's
 PROMPT_DIRS = {"gen_prompt": "vague", "spe_prompt": "precise"}  # upstream test.py
@@ -484,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       if getattr(args, flag) is not None:
         config_lib.apply_override(cfg, f"inference.{flag}={getattr(args, flag)}")
     config_lib.validate(cfg)
-    enable_compile_cache(cfg)
+    configure_compiler(cfg)
     jobs, skipped = collect_jobs(args.input, args.out, prompt=args.prompt,
                                  default_prompt=cfg.inference.prompt, lq_dir=args.lq_dir,
                                  cache_dir=cfg.data.index_cache_dir)

@@ -39,9 +39,11 @@ def init_distributed(coordinator=None, num_processes=None, process_id=None, time
                              heartbeat_timeout_seconds=timeout_s)
 
 
-def main(argv=None) -> int:
-  cfg, rest = config.parse_cli(argv)
-  parser = argparse.ArgumentParser(prog="python -m cotir_jax.train")
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m cotir_jax.train", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", metavar="FILE", help="the recipe (configs/tiny.py, "
+                      "configs/cotir_4b.py ...); --config.a.b=v overrides any field")
   parser.add_argument("--workdir", default=None,
                       help="output and resume directory (default: runs/<project_name>)")
   parser.add_argument("--distributed", action="store_true",
@@ -59,6 +61,16 @@ def main(argv=None) -> int:
   parser.add_argument("--take-over-lock", action="store_true",
                       help="take the workdir's lock even though another host holds it (that "
                            "run must be gone, e.g. its slice was deleted or preempted)")
+  return parser
+
+
+def main(argv=None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser = _parser()
+  if {"-h", "--help"} & set(argv):
+    parser.print_help()
+    return 0
+  cfg, rest = config.parse_cli(argv)
   args = parser.parse_args(rest)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   import jax

@@ -28,7 +28,7 @@ from cotir_jax.train import workdir as wd
 from cotir_jax.train.checkpoint import Checkpointer, estimate_nbytes
 from cotir_jax.train.metrics import MetricsWriter
 from cotir_jax.train.modules import build_tokenizers
-from cotir_jax.train.program import Program, enable_compile_cache
+from cotir_jax.train.program import Program, configure_compiler
 
 log = logging.getLogger("cotir_jax.train")
 
@@ -96,7 +96,7 @@ def _train(cfg, workdir: str) -> dict:
   lead = jax.process_index() == 0
   ckpt = Checkpointer(workdir, max_to_keep=cfg.training.checkpoints_total_limit)
   config_changes = ckpt.check_config(cfg)  # another model's checkpoint fails here, before any build
-  enable_compile_cache(cfg)
+  configure_compiler(cfg)
   prog = Program.build(cfg)
   tokenizers = build_tokenizers(cfg)
   disk_free = wd.check(workdir, estimate_nbytes(prog.state))

@@ -28,9 +28,11 @@ from cotir_jax.train import optim
 from cotir_jax.train.step import Graphs, guidance_for, make_train_step, text_key
 
 
-def enable_compile_cache(cfg) -> str | None:
-  """Turns on JAX's persistent compilation cache at `compile_cache_dir` (a resumed run or a
-  repeated stage loads its executable instead of compiling again); returns the directory."""
+def configure_compiler(cfg) -> str | None:
+  """Applies `compile_effort` (XLA's exec_time_optimization_effort) and turns on JAX's
+  persistent compilation cache at `compile_cache_dir` (a resumed run or a repeated stage loads
+  its executable instead of compiling again); returns the cache directory."""
+  jax.config.update("jax_exec_time_optimization_effort", float(cfg.get("compile_effort", 0.0)))
   path = cfg.get("compile_cache_dir", "default")
   if not path:
     return None

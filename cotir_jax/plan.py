@@ -1,0 +1,316 @@
+"""`python -m cotir_jax.plan --config configs/cotir_9b.py --topology v5e:4x4 [--stage N|all]
+[--search] [--json FILE] [--config.a.b=v ...]`: will a run fit, and how fast can it go?
+
+Compiles the real train step ahead of time — the same `train.program.Program` that training
+runs, so the same function, shardings and donation, with abstract states (no weight is
+materialised) — for a TPU topology through libtpu (`pip install -e ".[tpu]"`, any CPU machine)
+or for this machine's devices (`--topology local`), and prints per stage: memory per chip
+(frozen weights, trainable weights, optimizer state, batch, temporaries, XLA's peak) against
+HBM, FLOPs per step and per sample (matmuls counted from the compiled HLO with loop trip
+counts, next to the closed-form count), the step time implied at a stated MFU, compile time and
+a verdict. Running out of memory at compile time is a result ("out of memory"), not a crash.
+
+`--search` tries mesh layouts (data / fsdp / tensor), remat policies and gradient-accumulation
+factors in order of expected throughput (fewest FLOPs per sample, then least tensor parallelism
+and accumulation) and recommends the first that fits every planned stage with ≥ 10% headroom.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+import sys
+import time
+
+HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}  # per chip (Cloud TPU system architecture)
+PEAK_KEYS = {"v4": "TPU v4", "v5e": "TPU v5e", "v5p": "TPU v5p", "v6e": "TPU v6e"}
+HEADROOM = 0.10
+GIB = 2 ** 30
+
+
+@dataclasses.dataclass
+class Target:
+  """Devices to compile for, with what one chip offers."""
+  name: str
+  devices: list
+  hbm_bytes: float | None
+  peak_flops: float | None
+
+
+def target(topology: str) -> Target:
+  """"v5e:4x4"-style TPU topologies (libtpu, no TPU needed) or "local" (this machine)."""
+  import jax
+  from cotir_jax import flops
+  if topology == "local":
+    devices = jax.devices()
+    stats = devices[0].memory_stats() or {}
+    peak = flops.device_peak_flops(devices[0]) or flops.measured_peak_flops(devices[0])
+    return Target("local", devices, stats.get("bytes_limit"), peak)
+  generation = topology.split(":")[0]
+  if generation not in HBM_GIB:
+    raise SystemExit(f"--topology {topology!r}: unknown TPU generation {generation!r}; "
+                     f"use one of {sorted(HBM_GIB)} as in v5e:4x4, v5p:2x2x1, or 'local'")
+  try:
+    from jax.experimental import topologies
+    desc = topologies.get_topology_desc(topology, "tpu")
+  except Exception as e:  # libtpu missing or a malformed topology
+    raise SystemExit(f"--topology {topology!r}: cannot describe it ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0]}); TPU topologies need libtpu: "
+                     "pip install -e '.[tpu]'") from None
+  return Target(topology, list(desc.devices), HBM_GIB[generation] * GIB,
+                flops.PEAK_TFLOPS[PEAK_KEYS[generation]] * 1e12)
+
+
+@dataclasses.dataclass
+class StagePlan:
+  stage: int
+  patch: int
+  global_batch: int
+  mesh: dict
+  remat: str
+  accumulation: int
+  verdict: str                  # "fits", "tight" (< 10% headroom), "out of memory", "error"
+  memory_gib: dict = dataclasses.field(default_factory=dict)
+  hbm_gib: float | None = None
+  tflop_per_device_step: float | None = None
+  tflop_per_sample: float | None = None
+  analytic_tflop_per_sample: float | None = None
+  step_time_s_at_mfu: float | None = None
+  compile_s: float | None = None
+  note: str = ""
+
+
+def _oom_used(message: str) -> float | None:
+  """'Used 18.5G of 15.75G hbm' (XLA TPU's out-of-memory message) → bytes used, if stated."""
+  m = re.search(r"Used ([\d.]+)([KMGT])? of", message)
+  if not m:
+    return None
+  return float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " ")
+
+
+def plan_stage(cfg, tgt: Target, stage: int, mfu: float) -> StagePlan:
+  """Compiles one stage's step for the target and measures it."""
+  from cotir_jax import flops
+  from cotir_jax.train.program import Program
+  t = cfg.training
+  patch, batch = int(t.patch_sizes[stage]), int(t.batch_sizes[stage])
+  base = dict(stage=stage, patch=patch, global_batch=batch,
+              remat=str(cfg.model.remat_policy), accumulation=int(t.gradient_accumulation_steps),
+              hbm_gib=None if tgt.hbm_bytes is None else tgt.hbm_bytes / GIB)
+  try:
+    prog = Program.build(cfg, devices=tgt.devices)
+  except ValueError as e:  # a mesh that does not divide the batch: a result of the search
+    return StagePlan(mesh={}, verdict="error", note=str(e), **base)
+  mesh = dict(prog.mesh.shape)
+  analytic = flops.analytic_flops(cfg, patch, batch).total / batch / 1e12
+  parts = {"frozen weights": prog.bytes_per_device(prog.frozen),
+           "trainable weights": prog.bytes_per_device(prog.state["params"]),
+           "optimizer state": prog.bytes_per_device(prog.state["opt_state"]),
+           "batch": prog.bytes_per_device(prog.batch(stage))}
+  t0 = time.perf_counter()
+  try:
+    compiled = prog.lower(stage).compile()
+  except Exception as e:  # XLA: RESOURCE_EXHAUSTED (out of HBM) is a result
+    text = str(e)
+    oom = "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+    used = _oom_used(text)
+    mem = {k: v / GIB for k, v in parts.items()}
+    if used is not None:
+      mem["peak"] = used / GIB
+    return StagePlan(mesh=mesh, verdict="out of memory" if oom else "error",
+                     memory_gib=mem, analytic_tflop_per_sample=analytic,
+                     compile_s=time.perf_counter() - t0, note=text.splitlines()[0][:400], **base)
+  compile_s = time.perf_counter() - t0
+  stats = compiled.memory_analysis()
+  parts["temporaries"] = stats.temp_size_in_bytes
+  parts["peak"] = stats.peak_memory_in_bytes
+  count = flops.hlo_flops(compiled)
+  per_device = count.total
+  step_time = (per_device / (tgt.peak_flops * mfu)) if tgt.peak_flops else None
+  peak = parts["peak"]
+  if tgt.hbm_bytes is None:
+    verdict = "fits"
+  elif peak > tgt.hbm_bytes:
+    verdict = "out of memory"
+  elif peak > (1 - HEADROOM) * tgt.hbm_bytes:
+    verdict = "tight"
+  else:
+    verdict = "fits"
+  note = "" if not count.unresolved else "not counted exactly: " + "; ".join(count.unresolved)
+  return StagePlan(mesh=mesh, verdict=verdict, memory_gib={k: v / GIB for k, v in parts.items()},
+                   tflop_per_device_step=per_device / 1e12,
+                   tflop_per_sample=count.global_total / batch / 1e12,
+                   analytic_tflop_per_sample=analytic, step_time_s_at_mfu=step_time,
+                   compile_s=compile_s, note=note, **base)
+
+
+def _stages(cfg, which: str) -> list[int]:
+  n = len(cfg.training.iterations)
+  if which == "all":
+    return list(range(n))
+  s = int(which)
+  if not 0 <= s < n:
+    raise SystemExit(f"--stage {s}: the config has stages 0..{n - 1}")
+  return [s]
+
+
+def _with(cfg, **fields):
+  """A copy of the config with dotted fields set ({"mesh.fsdp": 8, ...})."""
+  from cotir_jax import config
+  c = cfg.copy_and_resolve_references()
+  for path, value in fields.items():
+    config.apply_override(c, f"{path}={value!r}")
+  return config.validate(c)
+
+
+def candidates(cfg, n_chips: int, stages: list[int]):
+  """(fields, expected cost) of every setting to try, cheapest expected step first."""
+  from cotir_jax import flops, sharding
+  t = cfg.training
+  divisors = [d for d in range(1, n_chips + 1) if n_chips % d == 0]
+  heads = int(cfg.model.num_heads)
+  out = []
+  for remat in ("none", "dots", "save_attention", "full"):
+    for accum in (1, 2, 4, 8):
+      if any(int(b) % accum for b in t.batch_sizes):
+        continue
+      micro = [int(t.batch_sizes[s]) // accum for s in stages]
+      for tensor in divisors:
+        if heads % tensor or tensor > 8:
+          continue
+        for data in divisors:
+          if n_chips % (data * tensor):
+            continue
+          fsdp = n_chips // (data * tensor)
+          try:
+            sharding.fit_batches((data, fsdp, tensor), None, micro, heads)
+          except ValueError:
+            continue
+          c = _with(cfg, **{"model.remat_policy": remat,
+                            "training.gradient_accumulation_steps": accum})
+          cost = max(flops.analytic_flops(c, int(t.patch_sizes[s]), int(t.batch_sizes[s])).total
+                     / int(t.batch_sizes[s]) for s in stages)
+          fields = {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor,
+                    "model.remat_policy": remat, "training.gradient_accumulation_steps": accum}
+          # FLOPs first; then less tensor parallelism, less accumulation, more FSDP than DP
+          out.append((fields, (round(cost / 1e9), tensor, accum, data)))
+  out.sort(key=lambda fc: fc[1])
+  return out
+
+
+def _size(gib: float) -> str:
+  return f"{gib:.2f} GiB" if gib >= 0.1 else f"{gib * 1024:.1f} MiB"
+
+
+def _row(p: StagePlan) -> str:
+  mesh = "×".join(f"{k}={v}" for k, v in p.mesh.items() if v > 1) or "1 device"
+  mem = p.memory_gib
+  hbm = f" of {p.hbm_gib:.1f} GiB" if p.hbm_gib else ""
+  peak = f"{_size(mem['peak'])}{hbm}" if "peak" in mem else "?"
+  parts = ", ".join(f"{k} {_size(v)}" for k, v in mem.items() if k != "peak")
+  lines = [f"stage {p.stage}: patch {p.patch}, global batch {p.global_batch}, mesh {mesh}, "
+           f"remat {p.remat}, accumulation {p.accumulation}: {p.verdict.upper()}",
+           f"  memory per chip: peak {peak} ({parts})"]
+  if p.tflop_per_sample is not None:
+    lines.append(f"  FLOPs: {p.tflop_per_device_step:.4g} TFLOP per chip per step, "
+                 f"{p.tflop_per_sample:.4g} TFLOP per sample (closed form "
+                 f"{p.analytic_tflop_per_sample:.4g})"
+                 + (f"; step {p.step_time_s_at_mfu:.3g} s at the stated MFU"
+                    if p.step_time_s_at_mfu is not None else ""))
+  if p.compile_s is not None:
+    lines.append(f"  compile: {p.compile_s:.1f} s")
+  if p.note:
+    lines.append(f"  note: {p.note}")
+  return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m cotir_jax.plan", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", metavar="FILE", help="the recipe (configs/cotir_4b.py ...); "
+                      "--config.a.b=v overrides any field")
+  parser.add_argument("--topology", required=True,
+                      help="TPU topology as GENERATION:SHAPE (v5e:2x2, v5e:4x4, v5p:2x2x1, "
+                           "v6e:2x4, v4:2x2x1) or 'local' for this machine's devices")
+  parser.add_argument("--stage", default="all", help="a stage index or 'all' (default)")
+  parser.add_argument("--mfu", type=float, default=0.4,
+                      help="model FLOPs utilisation for the implied step time (default 0.4)")
+  parser.add_argument("--search", action="store_true",
+                      help="find the fastest mesh / remat / accumulation that fits with ≥10%% "
+                           "headroom")
+  parser.add_argument("--max_tries", type=int, default=12,
+                      help="--search: settings compiled at most (each is a full compile)")
+  parser.add_argument("--json", default=None, help="also write every result to this file")
+  return parser
+
+
+def main(argv=None) -> int:
+  from cotir_jax import config
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser = _parser()
+  if {"-h", "--help"} & set(argv):
+    parser.print_help()
+    return 0
+  cfg, rest = config.parse_cli(argv)
+  args = parser.parse_args(rest)
+  if not 0 < args.mfu <= 1:
+    parser.error("--mfu must be in (0, 1]")
+  from cotir_jax.train.program import configure_compiler
+  if "--config.compile_effort" not in " ".join(argv):
+    cfg.compile_effort = -1.0  # memory and FLOPs as at 0 (measured), minutes less per compile
+  if args.topology != "local":  # executables compiled for a topology without a client are not
+    cfg.compile_cache_dir = ""  # loadable from the cache
+  configure_compiler(cfg)
+  tgt = target(args.topology)
+  stages = _stages(cfg, args.stage)
+  print(f"cotir_jax.plan: {cfg.project_name} on {tgt.name} ({len(tgt.devices)} chips"
+        + (f", {tgt.hbm_bytes / GIB:.1f} GiB HBM each" if tgt.hbm_bytes else "") + ")", flush=True)
+
+  results = {"topology": tgt.name, "chips": len(tgt.devices), "mfu": args.mfu, "plans": []}
+  if not args.search:
+    for s in stages:
+      p = plan_stage(cfg, tgt, s, args.mfu)
+      print(_row(p), flush=True)
+      results["plans"].append(dataclasses.asdict(p))
+    ok = all(p["verdict"] == "fits" for p in results["plans"])
+  else:
+    ok = False
+    # the largest stage (most memory) first: a setting that fails there is dropped at once
+    order = sorted(stages, key=lambda s: -int(cfg.training.patch_sizes[s]) ** 2
+                   * int(cfg.training.batch_sizes[s]))
+    tried = 0
+    for fields, _ in candidates(cfg, len(tgt.devices), stages):
+      if tried >= args.max_tries:
+        break
+      tried += 1
+      trial = _with(cfg, **fields)
+      print(f"try: {' '.join(f'--config.{k}={v}' for k, v in fields.items())}", flush=True)
+      plans = []
+      for s in order:
+        p = plan_stage(trial, tgt, s, args.mfu)
+        print(_row(p), flush=True)
+        plans.append(dataclasses.asdict(p))
+        if p.verdict != "fits":
+          break
+      results["plans"].append({"fields": fields, "stages": plans})
+      if all(p["verdict"] == "fits" for p in plans) and len(plans) == len(order):
+        results["recommended"] = fields
+        print("recommended: " + " ".join(f"--config.{k}={v}" for k, v in fields.items()),
+              flush=True)
+        ok = True
+        break
+    if not ok:
+      print(f"no setting tried ({tried}) fits with ≥{HEADROOM:.0%} headroom; raise "
+            "--max_tries, use a larger topology or a smaller batch", flush=True)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=1, default=lambda x: None if isinstance(x, float)
+                and math.isnan(x) else str(x))
+  return 0 if ok else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,56 @@
+"""`python -m cotir_jax.plan`: the real train step compiled ahead of time for a TPU topology on
+this CPU (libtpu), memory per chip, FLOPs, verdict, `--search`, `--json`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cotir_jax import plan
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other test processes may hold libtpu
+
+
+def _tpu_or_skip():
+  try:
+    plan.target("v5e:2x2")
+  except SystemExit as e:
+    pytest.skip(f"no libtpu for ahead-of-time TPU compiles: {e}")
+
+
+def test_help_needs_no_config():
+  out = subprocess.run([sys.executable, "-m", "cotir_jax.plan", "--help"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0 and "--topology" in out.stdout and "--search" in out.stdout
+
+
+def test_out_of_memory_message_is_read():
+  msg = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
+         "hbm. Used 18.52G of 15.75G hbm. Exceeded hbm capacity by 2.77G.")
+  assert plan._oom_used(msg) == pytest.approx(18.52 * 2 ** 30)
+  assert plan._oom_used("some other failure") is None
+
+
+def test_plan_and_search_for_v5e(tmp_path, capsys):
+  _tpu_or_skip()
+  args = ["--config", os.path.join(REPO, "configs/tiny.py"), "--topology", "v5e:2x2",
+          "--stage", "0", "--config.training.batch_sizes=(8,4)", "--search",
+          "--json", str(tmp_path / "plan.json")]
+  assert plan.main(args) == 0
+  out = capsys.readouterr().out
+  assert "v5e:2x2 (4 chips, 16.0 GiB HBM each)" in out and "FITS" in out
+  result = json.load(open(tmp_path / "plan.json"))
+  # the cheapest setting first: no remat, no accumulation, no tensor parallelism, all FSDP
+  assert result["recommended"] == {"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 1,
+                                   "model.remat_policy": "none",
+                                   "training.gradient_accumulation_steps": 1}
+  assert "recommended: --config.mesh.data=1 --config.mesh.fsdp=4" in out
+  ((p,),) = [t["stages"] for t in result["plans"]]
+  assert p["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and p["verdict"] == "fits"
+  assert 0 < p["memory_gib"]["peak"] < 1 and p["memory_gib"]["trainable weights"] > 0
+  # FLOPs from the compiled per-chip program with loop trip counts = the closed form
+  assert p["tflop_per_sample"] == pytest.approx(p["analytic_tflop_per_sample"], rel=0.05)
+  assert p["step_time_s_at_mfu"] > 0 and p["compile_s"] > 0
