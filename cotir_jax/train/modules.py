@@ -80,6 +80,15 @@ def abstract_states(cfg) -> tuple[Graphs, dict]:
   return graphs, {k: v for k, v in states.items() if v is not None}
 
 
+def run_init(fn, out_shardings):
+  """`fn()` (a random initialiser) jitted straight into `out_shardings`. It runs once, so on CPU
+  it is compiled without LLVM's optimisations: half the compile time of the tiny configs'
+  frozen weights (18 s → 9 s), the same values."""
+  compiled = jax.jit(fn, out_shardings=out_shardings).lower()
+  cpu = jax.default_backend() == "cpu"
+  return compiled.compile(compiler_options={"xla_backend_optimization_level": 0} if cpu else None)()
+
+
 def init_params(cfg):
   """The trainable LoRA + adapter state, freshly initialised (call under jit)."""
   return nnx.state(models.CoTIR(cfg.model, rngs=nnx.Rngs(cfg.seed)), models.TRAINABLE)
@@ -94,7 +103,7 @@ def init_frozen(cfg, abstract: dict) -> dict:
       _, states = _split(_modules_from_config(cfg))
       return {k: states[k] for k in frozen_abstract}
     shardings = jax.tree.map(lambda a: a.sharding, frozen_abstract)
-    return jax.jit(init, out_shardings=shardings)()
+    return run_init(init, shardings)
 
   from cotir_jax.convert.base import restore_base_params
   targets = {}
@@ -122,7 +131,7 @@ def build_states(cfg, mesh, rules=None):
   graphs, abstract = abstract_states(cfg)
   abstract = sharding.abstract_with_shardings(abstract, sharding.tree_shardings(abstract, mesh, rules))
   params_sh = jax.tree.map(lambda a: a.sharding, abstract["params"])
-  params = jax.jit(lambda: init_params(cfg), out_shardings=params_sh)()
+  params = run_init(lambda: init_params(cfg), params_sh)
   return graphs, params, init_frozen(cfg, abstract)
 
 

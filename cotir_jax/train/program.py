@@ -100,8 +100,8 @@ class Program:
   def init_state(self) -> dict:
     """Fresh training state, created inside jit directly in its shardings (multi-host safe)."""
     cfg, tx = self.cfg, self.tx
-    return jax.jit(lambda: _fresh_state(cfg, tx, modules.init_params(cfg)),
-                   out_shardings=self.state_shardings)()
+    return modules.run_init(lambda: _fresh_state(cfg, tx, modules.init_params(cfg)),
+                            self.state_shardings)
 
   def init_frozen(self) -> dict:
     """Frozen weights: random (tiny configs) or restored from `model.pretrained`."""
