@@ -13,6 +13,8 @@ a verdict. Running out of memory at compile time is a result ("out of memory"), 
 `--search` tries mesh layouts (data / fsdp / tensor), remat policies and gradient-accumulation
 factors in order of expected throughput (fewest FLOPs per sample, then least tensor parallelism
 and accumulation) and recommends the first that fits every planned stage with ≥ 10% headroom.
+A setting that runs out of memory rules out, untried, the same remat policy with less FSDP (more
+data or tensor parallelism) and the accumulation factors too small for its temporaries.
 """
 
 from __future__ import annotations
@@ -83,6 +85,31 @@ class StagePlan:
   note: str = ""
 
 
+def _oom_temporaries(message: str) -> float | None:
+  """'... HLO temporaries (260.73G) exceeds ...' (XLA TPU) → bytes, if stated."""
+  m = re.search(r"temporaries \(([\d.]+)([KMGT])?\)", message)
+  if not m:
+    return None
+  return float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " ")
+
+
+def accumulation_needed(p: StagePlan) -> float:
+  """After an out-of-memory (or tight) plan: the accumulation factor its temporaries would need
+  to fit with headroom next to the arguments, assuming temporaries scale with the micro-batch
+  (inf when the arguments alone do not fit)."""
+  mem = p.memory_gib
+  args = sum(v for k, v in mem.items() if k not in ("peak", "temporaries"))
+  budget = (1 - HEADROOM) * p.hbm_gib - args
+  temps = mem.get("temporaries")
+  if temps is None and "peak" in mem:
+    temps = mem["peak"] - args
+  if budget <= 0:
+    return math.inf
+  if temps is None:
+    return p.accumulation + 1
+  return max(p.accumulation + 1, p.accumulation * temps / budget)
+
+
 def _oom_used(message: str) -> float | None:
   """'Used 18.5G of 15.75G hbm' (XLA TPU's out-of-memory message) → bytes used, if stated."""
   m = re.search(r"Used ([\d.]+)([KMGT])? of", message)
@@ -120,6 +147,9 @@ def plan_stage(cfg, tgt: Target, stage: int, mfu: float) -> StagePlan:
     mem = {k: v / GIB for k, v in parts.items()}
     if used is not None:
       mem["peak"] = used / GIB
+    temps = _oom_temporaries(text)
+    if temps is not None:
+      mem["temporaries"] = temps / GIB
     return StagePlan(mesh=mesh, verdict="out of memory" if oom else "error",
                      memory_gib=mem, analytic_tflop_per_sample=analytic,
                      compile_s=time.perf_counter() - t0, note=text.splitlines()[0][:400], **base)
@@ -177,7 +207,7 @@ def candidates(cfg, n_chips: int, stages: list[int]):
     for accum in (1, 2, 4, 8):
       if any(int(b) % accum for b in t.batch_sizes):
         continue
-      micro = [int(t.batch_sizes[s]) // accum for s in stages]
+      micro = [int(b) // accum for b in t.batch_sizes]  # training runs every stage
       for tensor in divisors:
         if heads % tensor or tensor > 8:
           continue
@@ -281,10 +311,16 @@ def main(argv=None) -> int:
     # the largest stage (most memory) first: a setting that fails there is dropped at once
     order = sorted(stages, key=lambda s: -int(cfg.training.patch_sizes[s]) ** 2
                    * int(cfg.training.batch_sizes[s]))
-    tried = 0
+    tried, pruned = 0, []  # (remat, fsdp, accumulation below which it cannot fit)
     for fields, _ in candidates(cfg, len(tgt.devices), stages):
       if tried >= args.max_tries:
         break
+      remat, fsdp = fields["model.remat_policy"], fields["mesh.fsdp"]
+      accum = fields["training.gradient_accumulation_steps"]
+      # memory grows as chips move from fsdp (weights and batch split) to data (replicas) or
+      # tensor (activations partly replicated), and with the micro-batch (less accumulation)
+      if any(r == remat and fsdp <= f and accum < a for r, f, a in pruned):
+        continue
       tried += 1
       trial = _with(cfg, **fields)
       print(f"try: {' '.join(f'--config.{k}={v}' for k, v in fields.items())}", flush=True)
@@ -294,6 +330,9 @@ def main(argv=None) -> int:
         print(_row(p), flush=True)
         plans.append(dataclasses.asdict(p))
         if p.verdict != "fits":
+          if p.verdict in ("out of memory", "tight") and p.hbm_gib:
+            # halved: temporaries shrink less than linearly with the micro-batch
+            pruned.append((remat, fsdp, max(accum + 1, accumulation_needed(p) / 2)))
           break
       results["plans"].append({"fields": fields, "stages": plans})
       if all(p["verdict"] == "fits" for p in plans) and len(plans) == len(order):

@@ -54,3 +54,16 @@ def test_plan_and_search_for_v5e(tmp_path, capsys):
   # FLOPs from the compiled per-chip program with loop trip counts = the closed form
   assert p["tflop_per_sample"] == pytest.approx(p["analytic_tflop_per_sample"], rel=0.05)
   assert p["step_time_s_at_mfu"] > 0 and p["compile_s"] > 0
+
+
+def test_out_of_memory_prunes_the_search():
+  msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+         "temporaries (260.73G) exceeds available HBM (15.75G).")
+  assert plan._oom_temporaries(msg) == pytest.approx(260.73 * 2 ** 30)
+  p = plan.StagePlan(stage=3, patch=512, global_batch=32, mesh={"fsdp": 4}, remat="none",
+                     accumulation=1, verdict="out of memory", hbm_gib=16.0,
+                     memory_gib={"frozen weights": 3.4, "optimizer state": 2.6, "temporaries": 260.73})
+  # 260.73 GiB of temporaries over the 8.4 GiB left beside 6 GiB of arguments
+  assert plan.accumulation_needed(p) == pytest.approx(260.73 / (0.9 * 16 - 6.0))
+  p.memory_gib["frozen weights"] = 20.0  # the arguments alone do not fit: no accumulation helps
+  assert plan.accumulation_needed(p) == float("inf")
