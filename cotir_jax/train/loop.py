@@ -52,6 +52,15 @@ class _StopRequested:
   def _handle(self, signum, frame):
     self.signal = signum
 
+  def agreed(self) -> int | None:
+    """The signal any process received, the same on all: processes may see SIGTERM at
+    different steps, and a checkpoint save is collective, so all must stop at the same step
+    (one tiny all-gather per step, multi-process runs only)."""
+    if jax.process_count() == 1:
+      return self.signal
+    flags = multihost_utils.process_allgather(np.array([self.signal or 0], np.int32))
+    return int(np.max(flags)) or None
+
   def __exit__(self, *exc):
     for s, h in self._old.items():
       signal.signal(s, h)
@@ -171,7 +180,7 @@ def _train(cfg, workdir: str) -> dict:
           n_since += len(meta["key"]) * jax.process_count()
           done = step + 1
           last = done == total or done == stage_end
-          scores = {}
+          scores, signum = {}, stop.agreed()
           if cfg.training.val_steps > 0 and step % cfg.training.val_steps == 0:
             # every process runs the (SPMD) sampler on the lead's first samples; the lead writes
             val = {k: v[:prog.val_rows(stage)] for k, v in local.items()}
@@ -183,7 +192,7 @@ def _train(cfg, workdir: str) -> dict:
               grid = _grid(images)
               Image.fromarray(grid).save(os.path.join(workdir, "validation", f"step_{step:06d}.png"))
               writer.write_image(step, "validation", grid)
-          if step % cfg.training.log_steps == 0 or last or stop.signal or scores:
+          if step % cfg.training.log_steps == 0 or last or signum or scores:
             metrics = jax.device_get(metrics)
             if int(state["nonfinite_step"]) >= 0:
               raise NonFiniteLossError(
@@ -202,15 +211,15 @@ def _train(cfg, workdir: str) -> dict:
             t_last, n_since, logged_at = time.perf_counter(), 0, done
           step = done
           bar.update(1)
-          if done % cfg.training.save_steps == 0 or done == total or stop.signal:
+          if done % cfg.training.save_steps == 0 or done == total or signum:
             if int(state["nonfinite_step"]) >= 0:
               raise NonFiniteLossError(
                   f"non-finite loss or gradient at step {int(state['nonfinite_step'])}; no "
                   f"checkpoint written, the last good one in {ckpt.directory} is intact")
             save(it)
-          if stop.signal:
+          if signum:
             ckpt.wait()
-            print(f"cotir_jax: received signal {stop.signal}; saved step {done} to "
+            print(f"cotir_jax: received signal {signum}; saved step {done} to "
                   f"{ckpt.directory}; re-run the same command to resume", flush=True)
             return {"steps": done, "stopped": True, "compiles": dict(prog.compiles)}
         data_states = _all_processes(it.get_state())
