@@ -28,7 +28,9 @@ Commands:
                            multi-host checkpoint is written by every worker into one directory;
                            metrics and images are written by process 0). --config.a.b=v
                            overrides pass through unchanged. Re-running train after stop (or
-                           on a new slice) resumes from the newest checkpoint in DIR.
+                           on a new slice, of this size or another) resumes from the newest
+                           checkpoint in DIR; the compile cache in DIR/compile_cache serves
+                           every worker, so a re-run on this slice compiles nothing.
   tail [WORKER]            follow the log of worker WORKER (default 0); Ctrl-C stops following,
                            not training.
   stop                     send SIGTERM to the trainer on every worker: it saves a checkpoint

@@ -207,7 +207,9 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   c.training.peak_tflops = config_dict.placeholder(float)  # per-chip bf16 peak for mfu; unset: device table
 
   # JAX's persistent compilation cache: a resumed run or a repeated stage does not compile
-  # again. "default": $XDG_CACHE_HOME/cotir_jax/jit; "" turns it off.
+  # again. "default": <workdir>/compile_cache for training (one cache every host of a slice
+  # shares; $JAX_COMPILATION_CACHE_DIR when set), $XDG_CACHE_HOME/cotir_jax/jit for the other
+  # tools; "" turns it off.
   c.compile_cache_dir = "default"
   # XLA's exec_time_optimization_effort in [-1, 1]: 0 optimises the step fully; -1 compiles a
   # full-size TPU stage about 3× faster (same memory; speed on a TPU not measured here).

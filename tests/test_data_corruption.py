@@ -1,5 +1,6 @@
 """Issue 5 item 6: every kind of bad input is skipped, counted per reason, logged; too many is a clear error."""
 
+import json
 import logging
 
 import pytest
@@ -47,3 +48,27 @@ def test_threshold_error(fixture):
   with pytest.raises(D.SkipFractionError, match=r"max_skip_fraction=1\.00%.*by reason:"):
     for _ in range(len(src)):
       next(it)
+
+
+def test_uneven_skips_resume_exactly_on_the_same_process_count(fixture):
+  """Processes that skipped corrupt samples have read unevenly into their rows: the run's data
+  state keeps their offsets, so 2 processes continue exactly; 1 process continues at the first
+  global batch neither had started (nothing read twice)."""
+  cfg, src, _ = fixture
+
+  def its(count, batch, state=None):
+    return [D.make_iterator(cfg, 0, source=src, process_index=i, process_count=count,
+                            batch_size=batch, patch_size=32, state=state) for i in range(count)]
+
+  def positions(it, steps):
+    return [p for _ in range(steps) for p in next(it)["meta"]["global_position"].tolist()]
+
+  want = [positions(it, 4) for it in its(2, 2)]
+  two = its(2, 2)
+  read = [positions(it, 2) for it in two]
+  state = json.loads(json.dumps(D.merge_states([it.get_state() for it in two])))
+  assert state["offsets"] is not None and state["skip_counts"] != [{}, {}]
+  assert [positions(it, 2) for it in its(2, 2, state)] == [w[4:] for w in want]
+  one = its(1, 4, state)[0]
+  assert one.skipped == sum(sum(c.values()) for c in state["skip_counts"])  # counters go on
+  assert min(positions(one, 1)) >= state["position"] > max(read[0] + read[1])

@@ -1,4 +1,7 @@
-"""Issue 5 items 4-5: balanced mixing, determinism, exact restore (also across a stage change), process sharding."""
+"""Balanced mixing, determinism, exact restore (also across a stage change and onto another
+process count), process sharding."""
+
+import json
 
 import numpy as np
 import pytest
@@ -79,9 +82,7 @@ def test_restore_continues_exactly(shared):
   it = _it(shared)
   for _ in range(2):
     next(it)
-  state = it.get_state()
-  import json
-  state = json.loads(json.dumps(state))  # what a checkpoint stores
+  state = json.loads(json.dumps(D.merge_states([it.get_state()])))  # what a checkpoint stores
   resumed = _it(shared, state=state)
   assert [_sig(next(resumed)) for _ in range(3)] == full[2:]
 
@@ -89,9 +90,7 @@ def test_restore_continues_exactly(shared):
 def test_stage_change_continues_stream(shared):
   it = _it(shared, bs=4, patch=32)
   first = [next(it) for _ in range(2)]
-  with pytest.raises(ValueError, match="resume_state"):  # a new batch size needs every process's end
-    _it(shared, 1, bs=2, patch=16, state=it.get_state())
-  nxt = _it(shared, 1, bs=2, patch=16, state=D.resume_state([it.get_state()], 0))
+  nxt = _it(shared, 1, bs=2, patch=16, state=D.merge_states([it.get_state()]))
   after = [next(nxt) for _ in range(2)]
   ref = _it(shared, bs=8, patch=16)
   ref_batches = [next(ref) for _ in range(2)]
@@ -106,8 +105,35 @@ def test_stage_change_continues_stream(shared):
 def test_state_mismatch_is_an_error(shared):
   it = _it(shared)
   next(it)
-  with pytest.raises(ValueError, match="process_count"):
-    _it(shared, pc=2, state=it.get_state())
+  with pytest.raises(ValueError, match="load_state"):  # one process's state, not the run's
+    _it(shared, state=it.get_state())
+  with pytest.raises(ValueError, match="seed=5 but this run has 0"):
+    _it(shared, state={**D.merge_states([it.get_state()]), "seed": 5})
+
+
+def _positions(its, steps):
+  """Global positions the processes' iterators deliver, global batch by global batch."""
+  return [sum((next(it)["meta"]["global_position"].tolist() for it in its), []) for _ in range(steps)]
+
+
+def test_a_run_continues_on_another_process_count(shared):
+  """The data state is one global position: 2 processes' state continues on 1 or 4 (and back)
+  with the samples of the uninterrupted 1-process stream, rows in process order."""
+  ref = _it(shared, bs=8)
+  want = [next(ref) for _ in range(5)]
+  two = [_it(shared, pi=i, pc=2, bs=4) for i in range(2)]
+  assert _positions(two, 2) == [w["meta"]["global_position"].tolist() for w in want[:2]]
+  state = json.loads(json.dumps(D.merge_states([it.get_state() for it in two])))
+  assert (state["position"], state["process_count"], state["offsets"]) == (16, 2, None)
+  one = _it(shared, bs=8, state=state)
+  got = next(one)
+  np.testing.assert_array_equal(got["hq"], want[2]["hq"])
+  assert got["meta"]["spe"] == want[2]["meta"]["spe"]
+  four = [_it(shared, pi=i, pc=4, bs=2, state=D.merge_states([one.get_state()])) for i in range(4)]
+  assert _positions(four, 2) == [w["meta"]["global_position"].tolist() for w in want[3:5]]
+  # a checkpoint written before the state was merged: one state per process
+  old = D.load_state({"processes": [it.get_state() for it in two]})
+  assert old == state
 
 
 @pytest.mark.parametrize("mixing", ["balanced", "shuffle"])
@@ -126,10 +152,9 @@ def test_two_processes_disjoint_union_equals_one_process(shared, mixing):
     np.testing.assert_array_equal(np.concatenate([a["hq"], b["hq"]]), r["hq"])
     assert a["meta"]["gen"] + b["meta"]["gen"] == r["meta"]["gen"]
   # after a stage change (batch 8 → 4) both layouts continue at the same global position
-  states = [p0.get_state(), p1.get_state()]
-  q0, q1 = (_it(shared, 1, pi=i, pc=2, bs=2, mixing=mixing, state=D.resume_state(states, i))
-            for i in range(2))
-  r1 = _it(shared, 1, bs=4, mixing=mixing, state=D.resume_state([one.get_state()], 0))
+  state = D.merge_states([p0.get_state(), p1.get_state()])
+  q0, q1 = (_it(shared, 1, pi=i, pc=2, bs=2, mixing=mixing, state=state) for i in range(2))
+  r1 = _it(shared, 1, bs=4, mixing=mixing, state=D.merge_states([one.get_state()]))
   nxt = next(r1)["meta"]["global_position"].tolist()
   assert next(q0)["meta"]["global_position"].tolist() + next(q1)["meta"]["global_position"].tolist() == nxt
 

@@ -94,7 +94,7 @@ def test_foreign_and_empty_locks(tmp_path, caplog):
 
 _TWO_PROCESSES = """
 import sys
-from cotir_jax.train.__main__ import init_distributed
+from cotir_jax.multihost import init_distributed
 init_distributed(sys.argv[1], 2, int(sys.argv[2]), 120)
 import jax
 from cotir_jax.train import workdir
@@ -107,8 +107,9 @@ except workdir.WorkdirError as e:
 
 
 def test_every_process_of_a_multi_host_run_gets_the_lead_s_verdict(tmp_path):
-  """Only process 0 reads the lock; the others learn its verdict (one broadcast) and stop with
-  the same line, instead of waiting in a collective for a process 0 that has exited."""
+  """Only process 0 reads the lock; the others learn its verdict (through the coordination
+  service) and stop with the same line, instead of waiting in a collective for a process 0 that
+  has exited."""
   foreign = {"host": "t1v-n-other-w-0", "pid": 4242, "started": "2026-01-02 03:04:05 UTC"}
   _lock_file(tmp_path).write_text(json.dumps(foreign))
   with socket.socket() as s:
@@ -155,16 +156,16 @@ def test_resume_config_check_reads_only_the_stored_config(tmp_path):
   cfg = config.load(TINY)
   with checkpoint.Checkpointer(tmp_path, async_save=False) as ck:
     ck.save(3, {"w": jnp.ones((4,))}, config=cfg)
-  ck = checkpoint.Checkpointer(tmp_path)
-  assert ck.check_config(cfg) == []  # no state target needed: only the meta item is read
-  allowed = ck.check_config(config.load(TINY, [
+  meta = checkpoint.latest_meta(tmp_path)  # the meta item's file alone: no state, no manager
+  assert meta["step"] == 3 and checkpoint.check_config(meta, cfg) == []
+  allowed = checkpoint.check_config(meta, config.load(TINY, [
       "training.learning_rate=1e-4", "training.iterations=(50,150)", "mesh.fsdp=2",
       "model.remat_policy=full", "data.data_dir=/elsewhere"]))
   assert [c.field for c in allowed] == ["data.data_dir", "mesh.fsdp", "model.remat_policy",
                                         "training.iterations", "training.learning_rate"]
   assert str(allowed[-1]) == "training.learning_rate: 0.002 → 0.0001"
   with pytest.raises(checkpoint.IncompatibleConfigError) as e:
-    ck.check_config(config.load(TINY, [
+    checkpoint.check_config(meta, config.load(TINY, [
         "model.hidden_size=128", "model.num_heads=4", "model.lora.rank=4", "compat=upstream",
         "training.learning_rate=1e-4"]))
   lines = str(e.value).splitlines()
@@ -176,7 +177,6 @@ def test_resume_config_check_reads_only_the_stored_config(tmp_path):
                        "  model.hidden_size: 64 → 128",
                        "  model.lora.rank: 8 → 4",
                        "  model.num_heads: 2 → 4"]
-  ck.close()
   # a field the checkpoint's config does not have (the schema grew since) is not a mismatch
   breaking, allowed = checkpoint.config_changes({"model": {"depth": 2}}, {"model": {"depth": 2,
                                                                                    "new": 1}})
@@ -270,7 +270,7 @@ def _said(proc) -> list[str]:
 
 def test_second_trainer_exits_at_once_naming_the_holder(locked_run):
   h, second = locked_run.holder, locked_run.second
-  assert second.returncode == 1 and second.stdout == ""  # nothing built, no start-up summary
+  assert second.returncode == 2 and second.stdout == ""  # nothing built, no start-up summary
   assert _said(second) == [
       f"cotir_jax: error: workdir {locked_run.workdir} is in use by another training run (pid "
       f"{h['pid']} on host {h['host']}, started {h['started']}); wait for it to finish or stop it"]
@@ -283,7 +283,7 @@ def test_resume_with_a_changed_width_lists_the_fields(locked_run):
   proc = subprocess.run(_cmd(locked_run.workdir, *SHORT, "--config.model.hidden_size=128",
                              "--config.model.num_heads=4"), cwd=REPO, env=_env(),
                         capture_output=True, encoding="utf-8", timeout=300)
-  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
   ckpt_dir = locked_run.workdir / "checkpoints"
   assert proc.stderr.split("cotir_jax: error: ", 1)[1].splitlines() == [
       f"the config changes fields that define the checkpoint at step 8 in {ckpt_dir}; resume "
@@ -331,7 +331,7 @@ def test_read_only_workdir_fails_in_one_line_and_keeps_the_checkpoint(locked_run
   reason = os.strerror(errno.EACCES if prefix == [] else errno.EROFS)
   line = (f"workdir {path} is not writable ({reason}); point --workdir at a writable directory "
           "or fix its permissions")
-  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert _said(proc) == [f"cotir_jax: check: {line}", f"cotir_jax: error: {line}"]
   after = _flat(_params(path, 8))
   for k in before:

@@ -5,7 +5,7 @@ The training loop builds one iterator per stage:
     it = make_iterator(cfg, stage, tokenizers={'qwen': tok}, state=saved_or_None)
     batch = next(it)                 # {'hq','lq': [B,P,P,3] f32, '<field>_<tok>_ids'/'_mask': [B,L] i32,
     meta = batch.pop('meta')         #  'meta': strings and positions for logging/validation}
-    state = it.get_state()           # JSON-able dict; save it with the checkpoint
+    state = merge_states(every_process(it.get_state()))  # JSON-able; save it with the checkpoint
     it.skip_counts                   # {reason: count}, cumulative over the run
     it.bad_shards                    # shards found bad at start-up (paths and why: it.bad_shard_paths)
 
@@ -14,11 +14,15 @@ process p reads rows [p·b, (p+1)·b) of each (b = its share of the batch), so t
 assembled from the processes' shares in process order is the same sequence of samples for any
 process count, and a P-process run computes what a 1-process run does.
 
-Resuming and changing stage both go through `state`: it holds the process-local stream position
-after the last delivered batch plus the skip counters, and every sample is a pure function of
-(seed, global position) -- the patch size only changes the resize -- so an iterator built for any
-stage from a state continues the stream exactly. When the stage's batch size changes, the new
-layout starts after everything any process has read (`resume_state` over all processes' states).
+Resuming and changing stage both go through the run's data state (`merge_states` of every
+process's `get_state()`): the global position where the next global batch starts -- a function
+of the steps taken, not of the process count -- plus the skip counters. Every sample is a pure
+function of (seed, global position) -- the patch size only changes the resize -- so an iterator
+built from it for any stage, on any number of processes that divides the global batch,
+continues the global stream exactly; with another batch size the new layout of global batches
+starts there. A process that skipped corrupt samples has read a little further into its rows;
+those per-process offsets are kept too, so a resume on the same process count stays exact; on
+another count the stream continues at the next global batch no process had started.
 Without a state, `start_position(cfg, step)` gives the global position of an unskipped run.
 """
 
@@ -27,7 +31,7 @@ from __future__ import annotations
 import collections
 import logging
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import grain
@@ -42,7 +46,8 @@ from cotir_jax.data.sources import TarSource, check_bad_shards, resolve_layout
 log = logging.getLogger(__name__)
 
 ALL_REASONS = REASONS + ("read_error",)
-STATE_VERSION = 2
+STATE_VERSION = 3     # the run's state (merge_states); 2: one state per process
+_STREAM = ("seed", "mixing", "mixing_seed", "num_records")  # what identifies the stream
 Tokenizer = Callable[[list], Mapping[str, np.ndarray]]
 
 
@@ -248,9 +253,10 @@ class CotirIterator:
     return batch
 
   def get_state(self) -> dict:
-    """JSON-able; restores with make_iterator(cfg, any_stage, state=...)."""
+    """This process's position and counters (JSON-able); `merge_states` of every process's
+    makes the state `make_iterator` continues from."""
     return {
-        "version": STATE_VERSION,
+        "version": 2,
         "next_position": self.next_position,
         "base": self.fn.base,
         "block": self.fn.block,
@@ -298,13 +304,59 @@ def start_position(cfg, step: int) -> int:
   return pos
 
 
-def resume_state(states: list[Mapping], process_index: int) -> dict:
-  """This process's saved state plus `stream_end`: the first global position of a global batch
-  that no process has started, where a stage with another batch size lays out its batches."""
-  def end(s):
-    blocks = -(-int(s["next_position"]) // int(s["block"]))  # global batches touched
-    return int(s["base"]) + blocks * int(s["block"]) * int(s["process_count"])
-  return {**states[process_index], "stream_end": max(end(s) for s in states)}
+def merge_states(states: Sequence[Mapping]) -> dict:
+  """The run's data state, from every process's `get_state()` in process order.
+
+  `position`: the first global position of a global batch no process has started, where the
+  stream continues on any process count. `offsets`: where each process's own stream stands
+  relative to its rows of that batch (≤ 0; None when every process has read exactly its rows of
+  the batches before, i.e. skipped no sample since the layout began), so that a resume on the
+  same process count continues each process exactly."""
+  first, count = states[0], len(states)
+  block, base = int(first["block"]), int(first["base"])
+  for i, s in enumerate(states):
+    if (int(s["process_index"]), int(s["process_count"])) != (i, count):
+      raise ValueError(f"data states: entry {i} is process {s['process_index']} of "
+                       f"{s['process_count']}; pass every process's state in process order")
+    if (int(s["block"]), int(s["base"])) != (block, base) or any(s[k] != first[k] for k in _STREAM):
+      raise ValueError(f"data states of processes 0 and {i} belong to different streams")
+  batches = max(-(-int(s["next_position"]) // block) for s in states)  # started by any process
+  offsets = [int(s["next_position"]) - batches * block for s in states]
+  return {"version": STATE_VERSION, **{k: first[k] for k in _STREAM},
+          "base": base, "global_batch": block * count, "position": base + batches * block * count,
+          "process_count": count, "offsets": offsets if any(offsets) else None,
+          "examined": [int(s.get("examined", 0)) for s in states],
+          "skip_counts": [dict(s.get("skip_counts") or {}) for s in states]}
+
+
+def load_state(saved: Mapping) -> dict:
+  """A checkpoint's data state as `make_iterator` takes it; older checkpoints stored one state
+  per process ({"processes": [...]}), which merge into the same form."""
+  return merge_states(saved["processes"]) if "processes" in saved else dict(saved)
+
+
+def _resume(state: Mapping, *, block: int, process_index: int, process_count: int):
+  """(base, local start position, examined, skip counts) of this process continuing `state`."""
+  same = int(state["process_count"]) == process_count
+  if int(state["global_batch"]) != block * process_count:  # another batch size: a new layout
+    base, start = int(state["position"]), 0
+  else:
+    base = int(state["base"])
+    start = (int(state["position"]) - base) // int(state["global_batch"]) * block
+    if state.get("offsets"):
+      if same:
+        start += int(state["offsets"][process_index])
+      else:
+        log.warning("data: the %d-process run skipped corrupt samples, so its processes read "
+                    "their rows unevenly; on %d process(es) the stream continues at the next global "
+                    "batch none of them had started (position %d)", state["process_count"],
+                    process_count, state["position"])
+  if same:
+    return base, start, state["examined"][process_index], state["skip_counts"][process_index]
+  if process_index == 0:  # the run's counters continue on the lead, which logs them
+    return base, start, sum(state["examined"]), sum(
+        (collections.Counter(c) for c in state["skip_counts"]), collections.Counter())
+  return base, start, 0, None
 
 
 def make_iterator(cfg, stage: int, *, tokenizers: Mapping[str, Tokenizer] | None = None,
@@ -326,24 +378,18 @@ def make_iterator(cfg, stage: int, *, tokenizers: Mapping[str, Tokenizer] | None
   order = StreamOrder(source.type_ranges, mix, mixing_seed(cfg),
                       shuffle_types=bool(_get(cfg, "data.balanced_shuffle", True)))
   seed = int(cfg.seed)
-  start, counts, examined = 0, None, 0
+  block = batch_size or per_process_batch(cfg, stage, process_count)
+  base, start, examined, counts = 0, 0, 0, None
   if state is not None:
     if state.get("version") != STATE_VERSION:
-      raise ValueError(f"data iterator state version {state.get('version')} != {STATE_VERSION}")
-    for k, want in (("seed", seed), ("mixing", mix), ("mixing_seed", order.seed), ("num_records", len(source)),
-                    ("process_index", process_index), ("process_count", process_count)):
+      raise ValueError(f"data iterator state version {state.get('version')} != {STATE_VERSION} "
+                       "(a checkpoint's data state goes through load_state)")
+    for k, want in zip(_STREAM, (seed, mix, order.seed, len(source))):
       if state.get(k) != want:
         raise ValueError(f"data iterator state has {k}={state.get(k)!r} but this run has {want!r}; "
                          "the stream would not continue exactly")
-    start, counts, examined = state["next_position"], state.get("skip_counts"), state.get("examined", 0)
-  block = batch_size or per_process_batch(cfg, stage, process_count)
-  base = 0
-  if state is not None:
-    base = int(state["base"])
-    if int(state["block"]) != block:  # another batch size: a fresh layout after the old one
-      if "stream_end" not in state:
-        raise ValueError("the batch size changed: pass resume_state(all processes' states, index)")
-      base, start = int(state["stream_end"]), 0
+    base, start, examined, counts = _resume(state, block=block, process_index=process_index,
+                                            process_count=process_count)
   fn = SampleFn(source, order, bank,
                 patch_size=patch_size or int(cfg.training.patch_sizes[stage]),
                 seed=seed, label_from_folder=bool(_get(cfg, "data.return_deg_type", False)),

@@ -18,10 +18,11 @@ The state is stored as a nested dict keyed by the pytree's path names, so restor
 a target with the same structure: abstract `jax.ShapeDtypeStruct`s carrying the target
 shardings (or concrete arrays, whose shardings are used); arrays land directly in them.
 
-Resuming with another config: `check_config(cfg)` reads the config stored with the newest
-checkpoint (the meta item alone, no state target) and, before Orbax sees a state, fails with
-every changed field that defines the checkpoint (`CHECKPOINT_FIELDS`), as
-`field: checkpoint value → config value`; the other changes are returned for the start-up summary.
+Resuming with another config: `check_config(latest_meta(workdir), cfg)` reads the config stored
+with the newest checkpoint (the meta item alone: no state target, no Orbax manager) and, before
+Orbax sees a state, fails with every changed field that defines the checkpoint
+(`CHECKPOINT_FIELDS`), as `field: checkpoint value → config value`; the other changes are
+returned for the start-up summary.
 
 Write failures (disk full, read-only or unwritable directory, quota) surface from Orbax, often
 in its background thread, i.e. at the next `save`, at `wait` or `close`. They become one
@@ -36,6 +37,7 @@ import contextlib
 import fnmatch
 import json
 import os
+import pathlib
 import re
 from typing import Any, NamedTuple
 
@@ -160,6 +162,34 @@ def config_changes(stored, config) -> tuple[list[ConfigChange], list[ConfigChang
   return breaking, allowed
 
 
+def latest_meta(workdir: str | os.PathLike) -> dict | None:
+  """The newest finished checkpoint's meta item (its step, config and data-iterator state as
+  saved), or None without one. Read from its files alone: an Orbax manager waits for every
+  process when it is built, and this runs before the processes agree to go on."""
+  directory = os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
+  steps = ocp.path.step.checkpoint_steps(directory) if os.path.isdir(directory) else []
+  if not steps:
+    return None
+  step = max(steps)
+  meta = ocp.JsonCheckpointHandler().restore(pathlib.Path(directory, str(step), "meta"))
+  return {**meta, "step": step, "directory": directory}
+
+
+def check_config(meta: dict | None, config) -> list[ConfigChange]:
+  """Before restoring: raises IncompatibleConfigError listing every field that defines the
+  checkpoint of `meta` (`latest_meta`) and differs (`field: checkpoint value → config value`);
+  returns the allowed changes (empty without a checkpoint or a stored config)."""
+  if meta is None or meta.get("config") is None:
+    return []
+  breaking, allowed = config_changes(meta["config"], config)
+  if breaking:
+    raise IncompatibleConfigError(
+        f"the config changes fields that define the checkpoint at step {meta['step']} in "
+        f"{meta['directory']}; resume with the checkpoint's values or start a new --workdir:\n  "
+        + "\n  ".join(map(str, breaking)))
+  return allowed
+
+
 def estimate_nbytes(state) -> int:
   """Bytes one checkpoint of `state` takes: global array sizes (PRNG keys as their key data).
 
@@ -264,31 +294,6 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     """The newest *finished* checkpoint (unfinished temporary directories are ignored)."""
     return self._manager.latest_step()
-
-  # ------------------------------------------------------------------ config check
-  def stored_config(self, step: int | None = None) -> dict | None:
-    """The config saved with `step` (default: the newest), read from the meta item alone."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      return None
-    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return meta["meta"].get("config")
-
-  def check_config(self, config, step: int | None = None) -> list[ConfigChange]:
-    """Before restoring: raises IncompatibleConfigError listing every field that defines the
-    checkpoint and differs (`field: checkpoint value → config value`); returns the allowed
-    changes (empty without a checkpoint or a stored config)."""
-    step = self.latest_step() if step is None else step
-    stored = self.stored_config(step)
-    if stored is None:
-      return []
-    breaking, allowed = config_changes(stored, config)
-    if breaking:
-      raise IncompatibleConfigError(
-          f"the config changes fields that define the checkpoint at step {step} in "
-          f"{self.directory}; resume with the checkpoint's values or start a new --workdir:\n  "
-          + "\n  ".join(map(str, breaking)))
-    return allowed
 
   # ------------------------------------------------------------------ restore
   def restore(self, target, step: int | None = None) -> dict | None:

@@ -1,10 +1,12 @@
 """The training loop: stages, one compiled step per stage, metrics, validation, checkpoints.
 
-Reading order: `train` builds the program (mesh, abstract state, step; `program.py`), restores
-the state or creates it in place, then runs the progressive stages of `training.iterations`;
-each stage compiles its step once, ahead of the first batch (its batch and patch shapes are
-fixed), and loops. Host round trips happen only every `log_steps`, at checkpoints and at
-validation. Every process runs this same loop (multi-host): each reads its share of the batch.
+Reading order: `train` runs the start-up checks every process agrees on and builds the program
+(mesh, abstract state, step; `preflight.py`, `program.py`), restores the state or creates it in
+place, then runs the progressive stages of `training.iterations`; each stage compiles its step
+once, ahead of the first batch (its batch and patch shapes are fixed), and loops. Host round
+trips happen only every `log_steps`, at checkpoints and at validation; a stop signal is agreed
+without one (`multihost.StopSignal`). Every process runs this same loop (multi-host): each reads
+its share of the batch.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import time
 
 import jax
@@ -21,14 +22,13 @@ from jax.experimental import multihost_utils
 from PIL import Image
 from tqdm import tqdm
 
-from cotir_jax import flops
+from cotir_jax import flops, multihost
 from cotir_jax import sample as sampler
 from cotir_jax.data import pipeline
+from cotir_jax.train import preflight
 from cotir_jax.train import workdir as wd
-from cotir_jax.train.checkpoint import Checkpointer, estimate_nbytes
+from cotir_jax.train.checkpoint import Checkpointer
 from cotir_jax.train.metrics import MetricsWriter
-from cotir_jax.train.modules import build_tokenizers
-from cotir_jax.train.program import Program, configure_compiler
 
 log = logging.getLogger("cotir_jax.train")
 
@@ -37,50 +37,8 @@ class NonFiniteLossError(RuntimeError):
   """The loss or gradient became NaN/inf; the last good checkpoint is left as it was."""
 
 
-class _StopRequested:
-  """SIGTERM / SIGINT set a flag; the loop saves a checkpoint at the next step and exits."""
-
-  def __init__(self):
-    self.signal = None
-    self._old = {}
-
-  def __enter__(self):
-    for s in (signal.SIGTERM, signal.SIGINT):
-      self._old[s] = signal.signal(s, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    self.signal = signum
-
-  def agreed(self) -> int | None:
-    """The signal any process received, the same on all: processes may see SIGTERM at
-    different steps, and a checkpoint save is collective, so all must stop at the same step
-    (one tiny all-gather per step, multi-process runs only)."""
-    if jax.process_count() == 1:
-      return self.signal
-    flags = multihost_utils.process_allgather(np.array([self.signal or 0], np.int32))
-    return int(np.max(flags)) or None
-
-  def __exit__(self, *exc):
-    for s, h in self._old.items():
-      signal.signal(s, h)
-
-
 def _count(tree) -> int:
   return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree))
-
-
-def _all_processes(obj) -> list:
-  """Every process's JSON-able `obj`, in process order (the checkpoint's JSON is written by the
-  primary process only, so per-process data-iterator states travel through it as one list)."""
-  if jax.process_count() == 1:
-    return [obj]
-  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-  sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size]))).reshape(-1)
-  padded = np.zeros(int(sizes.max()), np.uint8)
-  padded[:data.size] = data
-  rows = np.asarray(multihost_utils.process_allgather(padded))
-  return [json.loads(bytes(rows[i, :n]).decode()) for i, n in enumerate(sizes)]
 
 
 def _grid(images) -> np.ndarray:
@@ -101,25 +59,20 @@ def train(cfg, workdir: str, *, take_over_lock: bool = False) -> dict:
 
 
 def _train(cfg, workdir: str) -> dict:
-  os.makedirs(workdir, exist_ok=True)
   lead = jax.process_index() == 0
+  start = preflight.run(cfg, workdir)  # every check that can fail on one host, agreed by all
+  prog, data_state = start.prog, start.data_state
   ckpt = Checkpointer(workdir, max_to_keep=cfg.training.checkpoints_total_limit)
-  config_changes = ckpt.check_config(cfg)  # another model's checkpoint fails here, before any build
-  configure_compiler(cfg)
-  prog = Program.build(cfg)
-  tokenizers = build_tokenizers(cfg)
-  disk_free = wd.check(workdir, estimate_nbytes(prog.state))
-
-  data_states = None
-  restored = ckpt.restore(prog.state)
-  if restored is not None:
-    state = restored["state"]
-    data_states = restored["data_state"]["processes"]
-  else:
-    state = prog.init_state()
+  state = ckpt.restore(prog.state, start.meta["step"])["state"] if start.meta else prog.init_state()
   frozen = prog.init_frozen()
   step = int(state["step"])
   total = int(cfg.training.iterations[-1])
+  resumed = "starting at step 0"
+  if start.meta:
+    saved_by, now = data_state["process_count"], jax.process_count()
+    resumed = (f"resuming at step {step}" if saved_by == now else
+               f"resumed a {saved_by}-process run on {now} process{'es' if now > 1 else ''} "
+               f"at step {step}")
 
   n_train = _count(prog.state["params"])
   n_params = n_train + _count(prog.frozen)
@@ -130,10 +83,9 @@ def _train(cfg, workdir: str) -> dict:
           + (f" ({prog.mesh_note})" if prog.mesh_note else "")
           + f"; parameters {n_params:,} total / {n_train:,} trainable; state + frozen weights "
           f"{mem / 2**20:.1f} MiB per device; "
-          + (f"resuming at step {step}" if restored else "starting at step 0")
-          + f" of {total}; workdir {disk_free / 2**30:.1f} GiB free"
-          + (f"; config changed since the checkpoint: {'; '.join(map(str, config_changes))}"
-             if config_changes else ""), flush=True)
+          + f"{resumed} of {total}; workdir {start.disk_free / 2**30:.1f} GiB free"
+          + (f"; config changed since the checkpoint: {'; '.join(map(str, start.config_changes))}"
+             if start.config_changes else ""), flush=True)
 
   peak = flops.device_peak_flops(jax.devices()[0], cfg.training.peak_tflops)
   if peak is None:  # a device without a published peak (CPU): its own best matmul rate
@@ -144,18 +96,19 @@ def _train(cfg, workdir: str) -> dict:
                          project=cfg.project_name, config=cfg.to_dict(), is_lead=lead)
   bar = tqdm(total=total, initial=step, disable=not lead, desc="train", dynamic_ncols=True)
 
+  def run_data_state(it):  # one process-independent position: resumable on any process count
+    return pipeline.merge_states(multihost.all_gather(it.get_state()))
+
   def save(it):
-    ckpt.save(int(state["step"]), state, data_state={"processes": _all_processes(it.get_state())},
-              config=cfg)
+    ckpt.save(int(state["step"]), state, data_state=run_data_state(it), config=cfg)
 
   try:
-    with _StopRequested() as stop:
+    with multihost.StopSignal() as stop:
       while step < total:
         stage = pipeline.stage_of_step(cfg, step)
         stage_end = min(int(cfg.training.iterations[stage]), total)
-        it = pipeline.make_iterator(cfg, stage, tokenizers=tokenizers, state=None if data_states
-                                    is None else pipeline.resume_state(data_states,
-                                                                       jax.process_index()))
+        it = pipeline.make_iterator(cfg, stage, tokenizers=start.tokenizers, state=data_state,
+                                    source=start.source, bank=start.bank)
         t0 = time.perf_counter()
         jstep = prog.lower(stage).compile()
         validate = prog.validate(stage) if cfg.training.val_steps > 0 else None
@@ -180,7 +133,7 @@ def _train(cfg, workdir: str) -> dict:
           n_since += len(meta["key"]) * jax.process_count()
           done = step + 1
           last = done == total or done == stage_end
-          scores, signum = {}, stop.agreed()
+          scores, stopping = {}, stop.check()
           if cfg.training.val_steps > 0 and step % cfg.training.val_steps == 0:
             # every process runs the (SPMD) sampler on the lead's first samples; the lead writes
             val = {k: v[:prog.val_rows(stage)] for k, v in local.items()}
@@ -192,7 +145,7 @@ def _train(cfg, workdir: str) -> dict:
               grid = _grid(images)
               Image.fromarray(grid).save(os.path.join(workdir, "validation", f"step_{step:06d}.png"))
               writer.write_image(step, "validation", grid)
-          if step % cfg.training.log_steps == 0 or last or signum or scores:
+          if step % cfg.training.log_steps == 0 or last or stopping or scores:
             metrics = jax.device_get(metrics)
             if int(state["nonfinite_step"]) >= 0:
               raise NonFiniteLossError(
@@ -211,18 +164,18 @@ def _train(cfg, workdir: str) -> dict:
             t_last, n_since, logged_at = time.perf_counter(), 0, done
           step = done
           bar.update(1)
-          if done % cfg.training.save_steps == 0 or done == total or signum:
+          if done % cfg.training.save_steps == 0 or done == total or stopping:
             if int(state["nonfinite_step"]) >= 0:
               raise NonFiniteLossError(
                   f"non-finite loss or gradient at step {int(state['nonfinite_step'])}; no "
                   f"checkpoint written, the last good one in {ckpt.directory} is intact")
             save(it)
-          if signum:
+          if stopping:
             ckpt.wait()
-            print(f"cotir_jax: received signal {signum}; saved step {done} to "
-                  f"{ckpt.directory}; re-run the same command to resume", flush=True)
+            print(f"cotir_jax: {stop.reason}; saved step {done} to {ckpt.directory}; re-run "
+                  "the same command (on this or another number of hosts) to resume", flush=True)
             return {"steps": done, "stopped": True, "compiles": dict(prog.compiles)}
-        data_states = _all_processes(it.get_state())
+        data_state = run_data_state(it)
         it.close()
   finally:
     bar.close()

@@ -21,7 +21,8 @@ runs exits at once naming the holder instead of interleaving checkpoints with it
   pod slice deleted or preempted and recreated under new host names), re-run with
   `take_over=True` (`python -m cotir_jax.train --take-over-lock`).
 * Multi-host: all processes share the workdir; only process 0 takes the lock and every other
-  process learns its outcome (one broadcast), so all exit with the same line.
+  process learns its outcome (through the coordination service), so all exit with the same
+  line.
 * Released when the `with` block ends: normal end, an exception, and the loop's SIGTERM /
   SIGINT path (which saves, then returns). A process killed outright leaves a stale lock that
   the next run on the same host takes over.
@@ -45,8 +46,7 @@ import socket
 import tempfile
 import time
 
-import jax
-import numpy as np
+from cotir_jax import multihost
 
 LOCK_NAME = "train.lock"
 # An unreadable lock file this old was left by a process killed between creating and writing it.
@@ -224,18 +224,6 @@ def _release(workdir: str, path: str, mine: str) -> None:
     log.warning("could not release the lock %s: %s", path, e)
 
 
-def _lead_outcome(error: str | None) -> str | None:
-  """Every process gets process 0's lock outcome (None: taken), so no process runs alone."""
-  if jax.process_count() == 1:
-    return error
-  from jax.experimental import multihost_utils
-  buf = np.zeros(4096, np.uint8)
-  data = (error or "").encode()[:buf.size]
-  buf[:len(data)] = np.frombuffer(data, np.uint8)
-  buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
-  return bytes(buf).rstrip(b"\0").decode(errors="replace") or None
-
-
 @contextlib.contextmanager
 def lock(workdir: str | os.PathLike, is_lead: bool = True, *, take_over: bool = False):
   """Holds `<workdir>/train.lock` for the `with` block (see the module docstring).
@@ -255,7 +243,7 @@ def lock(workdir: str | os.PathLike, is_lead: bool = True, *, take_over: bool = 
       mine = _acquire(workdir, path, take_over)
     except WorkdirError as e:
       error = str(e)
-  error = _lead_outcome(error)
+  error = multihost.all_gather(error)[0]  # process 0's verdict, on every process
   if error:
     raise WorkdirError(error)
   try:
