@@ -22,10 +22,15 @@ truncating uint8 cast. Mixed sizes share compiled programs: the working image is
 to the next bucket size of a ladder (16, 32, 48, 64, 80, 96, 112, 128, 160, ...: P, 1.25P,
 1.5P, 1.75P per power of two P ≥ 64, at most 25% padding per side) and cropped after decoding,
 each image keeping the schedule of its own token count, so a directory compiles once per bucket
-(counted; `Restorer.compiles`). Batches are sharded over the mesh's data × fsdp devices of this
-host; LoRA is merged into the base weights once. The noise of image i is drawn from
-fold_in(key(seed), i), whatever its batch and position. An unreadable image is reported by
-name and skipped.
+(counted; `Restorer.compiles`). Batches are sharded over the mesh's data × fsdp devices; LoRA
+is merged into the base weights once. The noise of image i is drawn from fold_in(key(seed), i),
+whatever its batch and position. An unreadable image is reported by name and skipped.
+
+Multi-host (`--distributed`, the flags of `python -m cotir_jax.train`; every host runs the same
+command and sees the same --input and --weights): the mesh spans every chip of the slice, the
+base weights are sharded over all of them as in training, and each batch is one SPMD sampler
+call in which each host loads and writes only the images its chips hold (an image held by
+several hosts is written by the first), so outputs never collide and equal a 1-host run's.
 """
 
 from __future__ import annotations
@@ -42,7 +47,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -50,7 +54,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cotir_jax import config as config_lib
-from cotir_jax import models, sharding
+from cotir_jax import models, multihost, sharding
 from cotir_jax import sample as sampler
 from cotir_jax.convert import cotir as cotir_files
 from cotir_jax.convert import orbax_io
@@ -307,7 +311,7 @@ class Restorer:
   def __init__(self, cfg, *, reloadable: bool = False):
     self.cfg = cfg
     self.family = cfg.model.family
-    self.mesh = sharding.make_mesh(cfg.mesh, jax.local_devices())
+    self.mesh = sharding.make_mesh(cfg.mesh)  # every chip of every host
     self.rules = sharding.rules_from_config(cfg.mesh)
     self.data_parallel = int(self.mesh.shape["data"] * self.mesh.shape["fsdp"])
     self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(sharding.BATCH_AXES))
@@ -329,8 +333,8 @@ class Restorer:
     values = read_weights(weights, targets, self.family)
     for path, var in flat_state:
       old = var.get_value()
-      var.set_value(jax.device_put(np.asarray(values[".".join(map(str, path))]).astype(old.dtype),
-                                   old.sharding))
+      var.set_value(sharding.global_array(
+          np.asarray(values[".".join(map(str, path))]).astype(old.dtype), old.sharding))
     model = models.merge_lora(nnx.merge(self._model_graph, nnx.from_flat_state(flat_state),
                                         self._base))
     graph, state = nnx.split(model)
@@ -372,89 +376,122 @@ class Restorer:
     return {"ids": t5["ids"], "mask": t5["mask"], "clip_ids": self.tokenizers["clip"](prompts)["ids"]}
 
   def __call__(self, batch: dict[str, np.ndarray], seed: int) -> jax.Array:
-    """Restored images [B, H, W, 3] in [-1, 1] for a host batch (dispatched asynchronously)."""
+    """Restored images [B, H, W, 3] in [-1, 1], sharded over the batch, for a host batch of
+    which only this process's rows are read (dispatched asynchronously)."""
     if self._run is None:
       raise RuntimeError("load weights first")
-    batch = jax.device_put(batch, self.batch_sharding)
+    batch = {k: sharding.global_array(v, self.batch_sharding) for k, v in batch.items()}
+    seed = sharding.global_array(np.uint32(seed), sharding.replicated(self.mesh))
     with sharding.activation_sharding(self.mesh, self.rules):
-      return self._run(self._state, self.encoders, batch, jnp.uint32(seed))
+      return self._run(self._state, self.encoders, batch, seed)
 
   # ---------------------------------------------------------------------------- the loop
 
   def restore(self, jobs: Sequence[Job], *, num_steps: int, seed: int, batch_size: int = 0,
               max_long_edge: int | None = None, progress: bool = True) -> dict:
     """Restores every job, bucket by bucket; returns {"restored", "skipped" [(name, reason)],
-    "buckets" {(h, w): images}, "compiles" {(h, w): count}}."""
+    "buckets" {(h, w): images}, "compiles" {(h, w): count}}, counted over all processes."""
     batch_size = batch_size or self.data_parallel
     if batch_size % self.data_parallel:
       raise RestoreError(f"batch size {batch_size} is not a multiple of the "
                          f"{self.data_parallel} data-parallel devices (mesh data × fsdp)")
-    bar = tqdm(total=len(jobs), desc="restore", unit="img", disable=not progress,
-               dynamic_ncols=True)
-    skipped, groups = [], collections.defaultdict(list)
+    bar = tqdm(total=len(jobs), desc="restore", unit="img", dynamic_ncols=True,
+               disable=not progress or jax.process_index() != 0)
+    skipped = []
 
     def skip(job, e):  # anything PIL or I/O raises makes a bad image, not a failed run
       skipped.append((job.name, f"{type(e).__name__}: {e}"))
       bar.write(f"skipped {job.name}: {type(e).__name__}: {e}", file=sys.stderr)
-      bar.update(1)
 
-    for job in jobs:  # headers only: sizes decide the buckets
-      try:
-        with job.open() as im:
-          w, h = capped_size(*im.size, max_long_edge)
-      except Exception as e:  # noqa: BLE001
-        skip(job, e)
-        continue
-      groups[bucket_of(*work_size(h, w))].append(job)
+    buckets = self._plan(jobs, max_long_edge, skip)
+    bar.update(len(jobs) - sum(len(b) for b in buckets.values()))
+    held, written = self._rows(batch_size)
     restored, pending = 0, None
-    for bucket in sorted(groups, key=lambda b: (b[0] * b[1], b)):
-      todo = list(groups[bucket])
-      while todo:
-        loaded = []
-        while todo and len(loaded) < batch_size:
-          job = todo.pop(0)
+    for bucket in sorted(buckets, key=lambda b: (b[0] * b[1], b)):
+      members = buckets[bucket]
+      for first in range(0, len(members), batch_size):
+        batch = [jobs[i] for i in members[first:first + batch_size]]
+        loaded = {}
+        for r in (r for r in held if r < len(batch)):
           try:
-            loaded.append((job, *_load(job, max_long_edge)))
+            loaded[r] = (batch[r], *_load(batch[r], max_long_edge))
           except Exception as e:  # noqa: BLE001
-            skip(job, e)
-        if not loaded:
-          continue
+            if r in written:
+              skip(batch[r], e)
         images = self(self._host_batch(loaded, bucket, batch_size, num_steps), seed)
         if pending is not None:
           restored += _write(*pending, bar)
-        pending = (images, loaded)
+        pending = (images, {r: v for r, v in loaded.items() if r in written}, len(batch))
     if pending is not None:
       restored += _write(*pending, bar)
     bar.close()
-    return {"restored": restored, "skipped": skipped,
-            "buckets": {b: len(j) for b, j in groups.items()}, "compiles": dict(self.compiles)}
+    every = multihost.all_gather({"restored": restored, "skipped": skipped})
+    return {"restored": sum(p["restored"] for p in every),
+            "skipped": [tuple(s) for p in every for s in p["skipped"]],
+            "buckets": {b: len(j) for b, j in buckets.items()}, "compiles": dict(self.compiles)}
+
+  def _plan(self, jobs, max_long_edge, skip) -> dict[tuple[int, int], list[int]]:
+    """{size bucket: job indices}, from the images' headers, read by process 0 and the same on
+    every process (each batch is one SPMD call); an unreadable header skips its image."""
+    buckets = collections.defaultdict(list)
+    if jax.process_index() == 0:
+      for i, job in enumerate(jobs):
+        try:
+          with job.open() as im:
+            w, h = capped_size(*im.size, max_long_edge)
+        except Exception as e:  # noqa: BLE001
+          skip(job, e)
+          continue
+        buckets[bucket_of(*work_size(h, w))].append(i)
+    plan = multihost.all_gather(sorted(buckets.items()))[0]
+    return {tuple(b): list(members) for b, members in plan}
+
+  def _rows(self, batch_size) -> tuple[list[int], set[int]]:
+    """(the batch rows this process's chips hold, those it writes: the rows no process with a
+    lower index holds too)."""
+    holders = collections.defaultdict(set)
+    for device, index in self.batch_sharding.devices_indices_map((batch_size,)).items():
+      for r in range(batch_size)[index[0]]:
+        holders[r].add(device.process_index)
+    me = jax.process_index()
+    held = sorted(r for r, procs in holders.items() if me in procs)
+    return held, {r for r in held if min(holders[r]) == me}
 
   def _host_batch(self, loaded, bucket, batch_size, num_steps) -> dict[str, np.ndarray]:
-    """Padded images, tokens, per-sample schedules and noise indices; the batch is filled up
-    to `batch_size` with copies of its first image (their results are dropped)."""
-    rows = loaded + [loaded[0]] * (batch_size - len(loaded))
+    """The batch with this process's loaded images {row: (job, LQ, size, HQ)} in their rows:
+    reflect-padded images, per-image schedules, noise indices, tokens. The other rows (another
+    process's, an image that failed to load, the rest of a short batch) stay blank; their
+    results are dropped."""
     hb, wb = bucket
-    lq = np.stack([np.pad(x, ((0, hb - x.shape[0]), (0, wb - x.shape[1]), (0, 0)), mode="reflect")
-                   for _, x, _, _ in rows])
-    timesteps = np.stack([sampler.schedule(self.family, num_steps, x.shape[0] * x.shape[1] // 256)
-                          for _, x, _, _ in rows]).astype(np.float32)
-    return {"lq": lq, "timesteps": timesteps,
-            "index": np.array([job.index for job, _, _, _ in rows], np.int32),
-            **self.tokenize([job.prompt for job, _, _, _ in rows])}
+    lq = np.zeros((batch_size, hb, wb, 3), np.float32)
+    timesteps = np.tile(sampler.schedule(self.family, num_steps, hb * wb // 256),
+                        (batch_size, 1)).astype(np.float32)
+    index = np.zeros(batch_size, np.int32)
+    prompts = [""] * batch_size
+    for r, (job, x, _, _) in loaded.items():
+      lq[r] = np.pad(x, ((0, hb - x.shape[0]), (0, wb - x.shape[1]), (0, 0)), mode="reflect")
+      timesteps[r] = sampler.schedule(self.family, num_steps, x.shape[0] * x.shape[1] // 256)
+      index[r] = job.index
+      prompts[r] = job.prompt
+    return {"lq": lq, "timesteps": timesteps, "index": index, **self.tokenize(prompts)}
 
 
-def _write(images, loaded, bar) -> int:
-  """Crops each result to its working size, resizes it back to its image's size and saves it
-  (and a bench record's HQ reference)."""
-  images = np.asarray(images)
-  for (job, lq, (h, w), hq), out in zip(loaded, images):
-    out = sampler.resize_bicubic(out[:lq.shape[0], :lq.shape[1]], h, w)
+def _write(images, loaded, jobs_in_batch, bar) -> int:
+  """Crops each of this process's results {row: (job, LQ, size, HQ)} to its working size,
+  resizes it back to its image's size and saves it (and a bench record's HQ reference)."""
+  rows = {}
+  for shard in images.addressable_shards:
+    data = np.asarray(shard.data)
+    for i, r in enumerate(range(images.shape[0])[shard.index[0]]):
+      rows[r] = data[i]
+  for r, (job, lq, (h, w), hq) in loaded.items():
+    out = sampler.resize_bicubic(rows[r][:lq.shape[0], :lq.shape[1]], h, w)
     os.makedirs(os.path.dirname(os.path.abspath(job.out)), exist_ok=True)
     Image.fromarray(sampler.to_uint8(out)).save(job.out)
     if hq is not None:
       os.makedirs(os.path.dirname(os.path.abspath(job.reference[1])), exist_ok=True)
       Image.fromarray(hq).save(job.reference[1])
-    bar.update(1)
+  bar.update(jobs_in_batch)
   return len(loaded)
 
 
@@ -478,21 +515,30 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--lq_dir", default=None, help="JSONL input: image directory (default <jsonl dir>/lq)")
   for flag in ("num_steps", "seed", "max_long_edge", "batch_size"):
     p.add_argument(f"--{flag}", type=int, default=None, help=f"default inference.{flag}")
+  multihost.add_arguments(p)
   args = p.parse_args(rest)
+  multihost.initialize(args, p, preemption=False)  # SIGTERM ends a restore on any host
   try:
     for flag in ("num_steps", "seed", "max_long_edge", "batch_size"):
       if getattr(args, flag) is not None:
         config_lib.apply_override(cfg, f"inference.{flag}={getattr(args, flag)}")
     config_lib.validate(cfg)
     configure_compiler(cfg)
-    jobs, skipped = collect_jobs(args.input, args.out, prompt=args.prompt,
-                                 default_prompt=cfg.inference.prompt, lq_dir=args.lq_dir,
-                                 cache_dir=cfg.data.index_cache_dir)
+    failure = None
+    try:  # on every host: each must see the inputs and weights
+      jobs, skipped = collect_jobs(args.input, args.out, prompt=args.prompt,
+                                   default_prompt=cfg.inference.prompt, lq_dir=args.lq_dir,
+                                   cache_dir=cfg.data.index_cache_dir)
+      for w in args.weights:  # before the model is built
+        if not os.path.exists(w):
+          raise RestoreError(f"--weights {w!r} does not exist")
+    except RestoreError as e:
+      failure = str(e)
+    verdict = multihost.agree(failure)  # every host stops, or none
+    if verdict:
+      raise RestoreError(verdict)
     for name, reason in skipped:
       print(f"skipped {name}: {reason}", file=sys.stderr)
-    for w in args.weights:  # before the model is built
-      if not os.path.exists(w):
-        raise RestoreError(f"--weights {w!r} does not exist")
     restorer = Restorer(cfg)
     restorer.load(args.weights)
     inf = cfg.inference

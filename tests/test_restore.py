@@ -20,16 +20,17 @@ from PIL import Image
 from cotir_jax import convert, restore
 from cotir_jax.sample import resize_bicubic
 from data_helpers import _add, _meta, _png
-from test_train import SHORT, _env  # the same persistent compile cache: this run is test_train's
+from test_multiprocess import launch, spawned  # noqa: F401 (a fixture)
+from test_train import FOUR, SHORT, _env  # the same persistent compile cache: this run is test_train's
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ["--num_steps", "2", "--batch_size", "2"]
 
 
-def _run(module, *args, config=True):
+def _run(module, *args, config=True, devices=1):
   cmd = [sys.executable, "-m", module] + (["--config", "configs/tiny.py"] if config else [])
-  proc = subprocess.run(cmd + list(args), cwd=REPO, env=_env(), capture_output=True, text=True,
-                        timeout=900)
+  proc = subprocess.run(cmd + list(args), cwd=REPO, env=_env(devices), capture_output=True,
+                        text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc
 
@@ -126,6 +127,28 @@ def test_bench_layout_then_evaluate(workdir, tmp_path):
   proc = _run("cotir_jax.evaluate", "--results", str(out / "restored"), "--reference",
               str(out / "reference"), "--metrics", "psnr,ssim", config=False)
   assert (out / "restored" / "metrics_summary.txt").is_file(), proc.stdout
+
+
+def test_two_hosts_restore_what_one_does(workdir, tmp_path, spawned):
+  """`--distributed` on 2 processes × 2 devices: the base sharded over all 4 (fsdp 2), each
+  process loading and writing the images its devices hold; the files are 1 process × 4
+  devices' byte for byte (5 images: a full batch of 4, then 1 with 3 blank rows)."""
+  rng = np.random.default_rng(2)
+  (tmp_path / "in").mkdir()
+  for i in range(5):
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3), np.uint8)).save(tmp_path / "in" / f"{i}.png")
+  args = ["--config", "configs/tiny.py", "--weights", str(workdir), "--input",
+          str(tmp_path / "in"), "--num_steps", "2", *FOUR]
+  _run("cotir_jax.restore", *args[2:], "--out", str(tmp_path / "one"), devices=4)
+  procs = launch("cotir_jax.restore", [*args, "--out", str(tmp_path / "two")], tmp_path / "two")
+  spawned += procs
+  for i, p in enumerate(procs):
+    assert p.wait(timeout=900) == 0, (tmp_path / f"two.{i}.log").read_text()[-3000:]
+  assert "restored 5 image(s)" in (tmp_path / "two.0.log").read_text()
+  names = sorted(os.listdir(tmp_path / "one"))
+  assert names == [f"{i}.png" for i in range(5)] == sorted(os.listdir(tmp_path / "two"))
+  for name in names:
+    assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
 
 
 # ----------------------------------------------------------------------------- host side
