@@ -13,7 +13,7 @@ host wait for a running step:
 * `agree(failure)`: one verdict on every process from each process's start-up checks;
 * `StopSignal`: SIGTERM / SIGINT on any process stops every process after the same step.
 
-With one process every helper is a local no-op.
+With one process nothing goes through the coordination service (there is none).
 """
 
 from __future__ import annotations

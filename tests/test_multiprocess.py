@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from test_train import FOUR, REPO, SHORT, _env, _metrics, _run, shared_run
 
 ARGS = [*SHORT, *FOUR]  # one stage, global batch 8 over a data 2 x fsdp 2 mesh, validation at 0, 4
@@ -54,7 +55,18 @@ def _log(workdir, tag, i):
     return f.read()
 
 
-def _wait_for_lines(workdir, n, procs, tag, timeout=600):
+@pytest.fixture
+def spawned():
+  """The processes a test launches (append them); those still running at its end are killed."""
+  procs = []
+  yield procs
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+
+
+def _wait_for_lines(workdir, n, procs, tag, timeout=900):
   """Until metrics.jsonl has n lines (every process still running)."""
   metrics, start = workdir / "metrics.jsonl", time.time()
   while not (metrics.exists() and len(metrics.read_text().splitlines()) >= n):
@@ -77,12 +89,13 @@ def _stage_misses(log):
   return re.findall(r"PERSISTENT COMPILATION CACHE MISS for '(jit_fn|jit_run)'", log)
 
 
-def test_preempted_run_continues_on_another_process_count(tmp_path):
+def test_preempted_run_continues_on_another_process_count(tmp_path, spawned):
   reference = _metrics(shared_run("four", *ARGS, devices=4))  # 1 process x 4 devices
   workdir = tmp_path / "run"
 
   # one host is preempted: SIGTERM to process 1 alone; both save the same step and exit cleanly
   procs = _train(workdir, "a")
+  spawned += procs
   _wait_for_lines(workdir, 1, procs, "a")
   procs[1].send_signal(signal.SIGTERM)
   for i, p in enumerate(procs):
@@ -110,6 +123,7 @@ def test_preempted_run_continues_on_another_process_count(tmp_path):
   metrics = workdir / "metrics.jsonl"
   metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[:start]))
   procs = _train(workdir, "b")
+  spawned += procs
   _wait_for_lines(workdir, max(start + 2, 6), procs, "b")
   procs[1].kill()
   t0 = time.time()
@@ -131,12 +145,13 @@ def test_preempted_run_continues_on_another_process_count(tmp_path):
   assert any(n.startswith("jit_fn-") for n in os.listdir(workdir / "compile_cache"))
 
 
-def test_a_start_up_check_failing_on_one_process_stops_both(tmp_path):
+def test_a_start_up_check_failing_on_one_process_stops_both(tmp_path, spawned):
   """Only process 1 lacks the data: both processes exit at once with the same one line naming
   it, instead of process 0 waiting in a collective until the heartbeat timeout (300 s)."""
   missing = tmp_path / "no_data"
   t0 = time.time()
   procs = _train(tmp_path / "run", "c", per_process=((), (f"--config.data.data_dir={missing}",)))
+  spawned += procs
   codes = [p.wait(timeout=300) for p in procs]
   took = time.time() - t0
   said = [[line for line in _log(tmp_path / "run", "c", i).splitlines()
