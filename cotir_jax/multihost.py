@@ -9,7 +9,7 @@ host wait for a running step:
 
 * `add_arguments` / `initialize`: the `--distributed` flags of the command lines and
   `jax.distributed.initialize` (explicit settings, or auto-detection on TPU VMs, SLURM, MPI);
-* `all_gather(obj)`: every process's JSON-able value, in process order;
+* `all_gather(obj)`: every process's JSON-able value, in process order; `barrier()`;
 * `agree(failure)`: one verdict on every process from each process's start-up checks;
 * `StopSignal`: SIGTERM / SIGINT on any process stops every process after the same step.
 
@@ -100,6 +100,13 @@ def all_gather(obj) -> list:
   client.key_value_set(f"{key}/{jax.process_index()}", json.dumps(obj))
   return [json.loads(client.blocking_key_value_get(f"{key}/{p}", _timeout_s * 1000))
           for p in range(jax.process_count())]
+
+
+def barrier() -> None:
+  """Returns when every process has called it, however late: call it before a device collective
+  that the processes reach at different times (after compiles of unequal length; gloo gives a
+  new CPU collective 30 s to form)."""
+  all_gather(None)
 
 
 def agree(failure: str | None) -> str | None:

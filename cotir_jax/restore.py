@@ -323,11 +323,13 @@ class Restorer:
     self.reloadable = reloadable
     self.compiles: collections.Counter = collections.Counter()
     self._graph = self._state = self._run = None
+    self._programs = {}  # the sampler compiled for each batch shape
 
   def load(self, weights: Sequence[str]) -> None:
     """Reads the trainable weights into the model and merges its LoRA into the base weights."""
     if self._base is None:
       raise RuntimeError("weights are loaded already; build the Restorer with reloadable=True")
+    multihost.barrier()  # Orbax's reads meet the other processes in a collective
     flat_state = nnx.to_flat_state(self._params)
     targets = {".".join(map(str, path)): var.get_value() for path, var in flat_state}
     values = read_weights(weights, targets, self.family)
@@ -380,10 +382,15 @@ class Restorer:
     which only this process's rows are read (dispatched asynchronously)."""
     if self._run is None:
       raise RuntimeError("load weights first")
-    batch = {k: sharding.global_array(v, self.batch_sharding) for k, v in batch.items()}
-    seed = sharding.global_array(np.uint32(seed), sharding.replicated(self.mesh))
-    with sharding.activation_sharding(self.mesh, self.rules):
-      return self._run(self._state, self.encoders, batch, seed)
+    args = (self._state, self.encoders,
+            {k: sharding.global_array(v, self.batch_sharding) for k, v in batch.items()},
+            sharding.global_array(np.uint32(seed), sharding.replicated(self.mesh)))
+    shape = tuple(v.shape for v in batch.values())
+    if shape not in self._programs:
+      with sharding.activation_sharding(self.mesh, self.rules):
+        self._programs[shape] = self._run.lower(*args).compile()
+      multihost.barrier()  # hosts compile at their own pace; the sampler runs on all together
+    return self._programs[shape](*args)
 
   # ---------------------------------------------------------------------------- the loop
 

@@ -4,7 +4,12 @@ stops both after the same step; the checkpoint continues on 1 process and a 1-pr
 continues on 2, every resumed step computing what the uninterrupted 1 × 4 run computes
 (validation included); the relaunch loads its stages from the run's compile cache; a killed
 process makes the other exit with a clear message instead of hanging; a start-up check failing
-on one process stops both at once with the same message."""
+on one process stops both at once with the same message.
+
+On CPU, JAX's compile-cache key of a multi-process program includes the CPU topology of the
+host that compiles it, which differs between processes, so only process 0 (the one JAX lets
+write) finds its programs again; on a TPU slice every host has the slice's topology, one key, and
+reads what process 0 wrote."""
 
 import os
 import re
@@ -139,7 +144,7 @@ def test_preempted_run_continues_on_another_process_count(tmp_path, spawned):
   _assert_computes_the_reference(two[start:], reference, "1 x 4 resumed on 2 x 2")
 
   # one compile cache per run, in the workdir: the first launch compiled and wrote the stages;
-  # the relaunch loaded them
+  # the relaunch loaded them (process 0: see the module docstring)
   assert _stage_misses(_log(workdir, "a", 0)) == ["jit_fn", "jit_run"]
   assert _stage_misses(out) == []
   assert any(n.startswith("jit_fn-") for n in os.listdir(workdir / "compile_cache"))

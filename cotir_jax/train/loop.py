@@ -122,8 +122,7 @@ def _train(cfg, workdir: str) -> dict:
                 f"{global_batch}) compiled in {time.perf_counter() - t0:.1f} s; "
                 f"{count.global_total / global_batch / 1e12:.4g} TFLOP per sample, "
                 f"{count.total / 1e12:.4g} TFLOP per device per step", flush=True)
-        if jax.process_count() > 1:  # start together: gloo gives a new collective 30 s to form
-          multihost_utils.sync_global_devices(f"cotir_jax stage {stage} compiled")
+        multihost.barrier()  # start together: hosts compile at their own pace
         t_last, n_since, logged_at = time.perf_counter(), 0, step
         while step < stage_end:
           local = next(it)
