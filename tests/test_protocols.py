@@ -52,7 +52,7 @@ def _pairs():
   flat = np.full((H, W, 3), 250, np.uint8)
   half = flat.copy()
   half[:, : W // 2] = 3
-  pairs.append((half, flat))
+  pairs += [(half, flat), (photos[0], photos[0])]  # identical: PSNR inf, SSIM 1
   return pairs
 
 
@@ -65,8 +65,10 @@ def _batch(images, dtype=np.float32):
 
 
 def _rel(got, want):
+  """max |got − want| / |want|; equal values (the inf PSNR of identical images) count 0."""
   got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  return float(np.max(np.abs(got - want) / np.abs(want)))
+  with np.errstate(invalid="ignore"):
+    return float(np.max(np.where(got == want, 0.0, np.abs(got - want) / np.abs(want))))
 
 
 def test_onerestore_and_moceir_match_skimage():
@@ -76,7 +78,8 @@ def test_onerestore_and_moceir_match_skimage():
                 for m in ("psnr", "ssim")} for name in ("onerestore", "moceir")}
   assert got["onerestore"]["psnr"].tolist() == got["moceir"]["psnr"].tolist()
   # OneRestore: cv2.imread(...) / 255.0 (float64), win_size=min(7, H, W), channel_axis=-1
-  want_psnr = [peak_signal_noise_ratio(r, a, data_range=1.0) for a, r in zip(x64, ref64)]
+  with np.errstate(divide="ignore"):  # identical images: skimage's inf, with a warning
+    want_psnr = [peak_signal_noise_ratio(r, a, data_range=1.0) for a, r in zip(x64, ref64)]
   want_ssim = [structural_similarity(r, a, win_size=7, channel_axis=-1, data_range=1.0)
                for a, r in zip(x64, ref64)]
   assert _rel(got["onerestore"]["psnr"], want_psnr) <= TOL
@@ -95,7 +98,8 @@ def test_onerestore_and_moceir_match_skimage():
   want_f32 = [structural_similarity(r, a, channel_axis=-1, data_range=1)
               for a, r in zip(x[PHOTOS], ref[PHOTOS])]
   assert _rel(got["onerestore"]["ssim"][PHOTOS], want_f32) <= TOL
-  assert got["onerestore"]["ssim"][-1] != got["moceir"]["ssim"][-1]  # the windows differ
+  assert got["onerestore"]["ssim"][-2] != got["moceir"]["ssim"][-2]  # the windows differ
+  assert got["moceir"]["psnr"][-1] == np.inf and got["moceir"]["ssim"][-1] == 1.0
 
 
 # ----------------------------------------------------------------------------- BasicSR
@@ -258,7 +262,7 @@ def test_type_tables_and_compare(tmp_path, capsys):
   assert evaluate.main(argv) == 0
   printed = capsys.readouterr().out
 
-  # per image: skimage as OneRestore calls it
+  # per image: skimage as OneRestore calls it (no pair is identical: PSNR stays finite)
   want = {(t, n): (peak_signal_noise_ratio(refs[n] / 255.0, img / 255.0, data_range=1.0),
                    structural_similarity(refs[n] / 255.0, img / 255.0, win_size=7,
                                          channel_axis=-1, data_range=1.0))
