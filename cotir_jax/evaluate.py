@@ -20,7 +20,6 @@ Each distinct image size compiles once.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import math
@@ -29,13 +28,15 @@ import sys
 
 import numpy as np
 
+from cotir_jax import cli
+
 METRICS = ("psnr", "ssim", "lpips")  # upstream's full-reference columns, in its order
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 SUMMARY_NAME = "metrics_summary.txt"
 CSV_NAME = "metrics.csv"
 
 
-class EvaluationError(ValueError):
+class EvaluationError(cli.UserError, ValueError):
   """A folder without pairs, an unreadable image, mismatched sizes or a NaN score (named)."""
 
 
@@ -160,8 +161,12 @@ def parse_metrics(text: str) -> tuple[str, ...]:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m cotir_jax.evaluate",
-                                   description=__doc__.splitlines()[0])
+  return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
+  parser = cli.ArgumentParser(prog="python -m cotir_jax.evaluate",
+                              description=__doc__.splitlines()[0])
   parser.add_argument("--results", required=True, help="restored images (or method folders)")
   parser.add_argument("--reference", required=True, help="reference (HQ) images, same file names")
   parser.add_argument("--metrics", default=",".join(METRICS),
@@ -195,8 +200,7 @@ def main(argv=None) -> int:
       print(format_row(run.method, means), flush=True)
       print(f"{len(rows)} image(s); saved {summary} and {CSV_NAME}", flush=True)
   except ValueError as e:  # EvaluationError, ConversionError
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    return cli.report(e)
   return 0
 
 
