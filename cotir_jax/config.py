@@ -194,7 +194,8 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   # Tokenizer directories: FLUX.2 `tokenizer/` (Qwen); FLUX.1 `tokenizer/` (CLIP) and
   # `tokenizer_2/` (T5). Unset: the ones stored with model.pretrained.
   c.model.tokenizer = config_dict.placeholder(str)
-  c.model.tokenizer_2 = config_dict.placeholder(str)
+  if c.model.family == "flux1":
+    c.model.tokenizer_2 = config_dict.placeholder(str)
 
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = "../CoTIR-Bench"  # upstream layout: image/<deg>/*.tar + prompts/

@@ -24,9 +24,9 @@ to the next bucket size of a ladder (16, 32, 48, 64, 80, 96, 112, 128, 160, ...:
 each image keeping the schedule of its own token count, so a directory compiles once per bucket
 (counted; `Restorer.compiles`). Batches are sharded over the mesh's data × fsdp devices of this
 host; with `model.lora.merge_for_inference` LoRA is folded into the base weights once, as
-upstream merges it (its test configs leave it unmerged, the default here). The noise of image i is drawn from
-fold_in(key(seed), i), whatever its batch and position. An unreadable image is reported by
-name and skipped.
+upstream merges it (its test configs leave it unmerged, the default here). The noise of image
+i is drawn from fold_in(key(seed), i), whatever its batch and position. An unreadable image is
+reported by name and skipped.
 """
 
 from __future__ import annotations
@@ -300,6 +300,12 @@ def read_weights(paths: Sequence[str], targets: dict, family: str) -> dict[str, 
 
 # ----------------------------------------------------------------------------- the model
 
+def inference_model(cfg, model: models.CoTIR) -> models.CoTIR:
+  """The model restore samples with: LoRA folded into the base weights only when
+  `model.lora.merge_for_inference` is set (upstream's test configs keep it apart)."""
+  return models.merge_lora(model) if cfg.model.lora.merge_for_inference else model
+
+
 class Restorer:
   """The frozen modules on the mesh, weights loaded (LoRA merged if the config says so), and
   one jitted `LQ batch → results` program per size bucket."""
@@ -332,9 +338,8 @@ class Restorer:
       old = var.get_value()
       var.set_value(jax.device_put(np.asarray(values[".".join(map(str, path))]).astype(old.dtype),
                                    old.sharding))
-    model = nnx.merge(self._model_graph, nnx.from_flat_state(flat_state), self._base)
-    if self.cfg.model.lora.merge_for_inference:
-      model = models.merge_lora(model)
+    model = inference_model(self.cfg, nnx.merge(self._model_graph,
+                                                nnx.from_flat_state(flat_state), self._base))
     graph, state = nnx.split(model)
     if self._graph is not None and graph != self._graph:
       raise RuntimeError("the merged model changed structure between loads")

@@ -283,7 +283,8 @@ def per_process_batch(cfg, stage: int, process_count: int) -> int:
   """training.batch_sizes are global (design decision 6): per-process = global / processes."""
   g = int(cfg.training.batch_sizes[stage])
   if g % process_count:
-    raise ConfigError(f"training.batch_sizes[{stage}]={g} is not divisible by {process_count} processes")
+    raise ConfigError(f"training.batch_sizes[{stage}]={g} is not divisible by {process_count} "
+                      "processes")
   return g // process_count
 
 
