@@ -71,6 +71,8 @@ def parse(parser: ArgumentParser, argv: Sequence[str] | None = None):
   flag is reported before the config file runs)."""
   from cotir_jax import config
   argv = list(sys.argv[1:] if argv is None else argv)
+  if not parser.config:
+    return None, parser.parse_args(argv)
   path, overrides, rest = config.split_cli(argv)
   args = parser.parse_args(rest)
   if path is None:
