@@ -407,8 +407,6 @@ def apply_override(cfg: ml_collections.ConfigDict, override: str) -> None:
     raise ConfigError(f"override {override!r} must look like field.path=value")
   path, text = override.split("=", 1)
   path = path.strip()
-  if path in REMOVED_FIELDS:
-    raise ConfigError(f"config field {path!r} does not exist here: {REMOVED_FIELDS[path]}")
   *parents, leaf = path.split(".")
   node = cfg
   for i, key in enumerate(parents):
@@ -416,6 +414,8 @@ def apply_override(cfg: ml_collections.ConfigDict, override: str) -> None:
       raise ConfigError(f"unknown config field {'.'.join(parents[: i + 1])!r} (in override {override!r})")
     node = node[key]
   if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    if path in REMOVED_FIELDS:
+      raise ConfigError(f"config field {path!r} does not exist here: {REMOVED_FIELDS[path]}")
     known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
     raise ConfigError(f"unknown config field {path!r}; fields here: {known}")
   value = _parse_value(text)

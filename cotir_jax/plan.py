@@ -55,14 +55,14 @@ def target(topology: str) -> Target:
   generation = topology.split(":")[0]
   if generation not in HBM_GIB:
     raise cli.UsageError(f"--topology {topology!r}: unknown TPU generation {generation!r}; "
-                     f"use one of {sorted(HBM_GIB)} as in v5e:4x4, v5p:2x2x1, or 'local'")
+                         f"use one of {sorted(HBM_GIB)} as in v5e:4x4, v5p:2x2x1, or 'local'")
   try:
     from jax.experimental import topologies
     desc = topologies.get_topology_desc(topology, "tpu")
   except Exception as e:  # libtpu missing or a malformed topology
     raise cli.UsageError(f"--topology {topology!r}: cannot describe it ({type(e).__name__}: "
-                     f"{str(e).splitlines()[0]}); TPU topologies need libtpu: "
-                     "pip install -e '.[tpu]'") from None
+                         f"{str(e).splitlines()[0]}); TPU topologies need libtpu: "
+                         "pip install -e '.[tpu]'") from None
   return Target(topology, list(desc.devices), HBM_GIB[generation] * GIB,
                 flops.PEAK_TFLOPS[PEAK_KEYS[generation]] * 1e12)
 
