@@ -47,7 +47,6 @@ The reference folder is never scored against itself, so it may sit inside --resu
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import math
@@ -56,6 +55,7 @@ import sys
 
 import numpy as np
 
+from cotir_jax import cli
 from cotir_jax.quality import PROTOCOLS, Protocol
 
 METRICS = ("psnr", "ssim", "lpips")  # upstream's full-reference columns, in its order
@@ -66,7 +66,7 @@ DEFAULT_PROTOCOL = "pyiqa"
 MEAN_OVER_TYPES, MEAN_OVER_IMAGES = "mean over types", "mean over images"
 
 
-class EvaluationError(ValueError):
+class EvaluationError(cli.UserError, ValueError):
   """A user's mistake: a bad flag, a folder without pairs, an unreadable image, mismatched
   sizes, a NaN score or missing LPIPS weights (named)."""
 
@@ -368,14 +368,8 @@ def load_lpips_model(args):
     raise EvaluationError(f"{e} (or leave LPIPS out: --metrics psnr,ssim)") from None
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # a usage mistake is one line and exit code 2, as every other one
-    raise EvaluationError(message)
-
-
-def _parser() -> argparse.ArgumentParser:
-  p = _Parser(prog="python -m cotir_jax.evaluate", description=__doc__,
-              formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parser() -> cli.ArgumentParser:
+  p = cli.ArgumentParser(prog="python -m cotir_jax.evaluate", description=__doc__)
   p.add_argument("--results", required=True,
                  help="restored images, or folders of them (methods, or degradation types)")
   p.add_argument("--reference", required=True, help="reference (HQ) images, same file names")
@@ -427,26 +421,21 @@ def _score_types(args, runs, metrics, scorer) -> None:
 
 
 def main(argv=None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  parser = _parser()
-  if {"-h", "--help"} & set(argv):
-    parser.print_help()
-    return 0
-  try:
-    args = parser.parse_args(argv)
-    metrics = parse_metrics(args.metrics, args.protocol)
-    check_flags(args, metrics)
-    pyiqa_layout = args.protocol == "pyiqa"
-    runs = discover_runs(args.results, args.reference, nested=pyiqa_layout)
-    if not runs:
-      raise EvaluationError(f"no images in {args.results} or its subfolders"
-                            + (" (nor one level deeper)" if pyiqa_layout else ""))
-    lpips_model = load_lpips_model(args) if "lpips" in metrics else None
-    scorer = make_scorer(PROTOCOLS[args.protocol], metrics, lpips_model)
-    (_score_pyiqa if pyiqa_layout else _score_types)(args, runs, metrics, scorer)
-  except EvaluationError as e:
-    print(f"cotir_jax: error: {e}", file=sys.stderr, flush=True)
-    return 2
+  return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
+  args = _parser().parse_args(argv)
+  metrics = parse_metrics(args.metrics, args.protocol)
+  check_flags(args, metrics)
+  pyiqa_layout = args.protocol == "pyiqa"
+  runs = discover_runs(args.results, args.reference, nested=pyiqa_layout)
+  if not runs:
+    raise EvaluationError(f"no images in {args.results} or its subfolders"
+                          + (" (nor one level deeper)" if pyiqa_layout else ""))
+  lpips_model = load_lpips_model(args) if "lpips" in metrics else None
+  scorer = make_scorer(PROTOCOLS[args.protocol], metrics, lpips_model)
+  (_score_pyiqa if pyiqa_layout else _score_types)(args, runs, metrics, scorer)
   return 0
 
 

@@ -19,13 +19,14 @@ data or tensor parallelism) and the accumulation factors too small for its tempo
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import re
 import sys
 import time
+
+from cotir_jax import cli
 
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}  # per chip (Cloud TPU system architecture)
 PEAK_KEYS = {"v4": "TPU v4", "v5e": "TPU v5e", "v5p": "TPU v5p", "v6e": "TPU v6e"}
@@ -53,15 +54,15 @@ def target(topology: str) -> Target:
     return Target("local", devices, stats.get("bytes_limit"), peak)
   generation = topology.split(":")[0]
   if generation not in HBM_GIB:
-    raise SystemExit(f"--topology {topology!r}: unknown TPU generation {generation!r}; "
-                     f"use one of {sorted(HBM_GIB)} as in v5e:4x4, v5p:2x2x1, or 'local'")
+    raise cli.UsageError(f"--topology {topology!r}: unknown TPU generation {generation!r}; "
+                         f"use one of {sorted(HBM_GIB)} as in v5e:4x4, v5p:2x2x1, or 'local'")
   try:
     from jax.experimental import topologies
     desc = topologies.get_topology_desc(topology, "tpu")
   except Exception as e:  # libtpu missing or a malformed topology
-    raise SystemExit(f"--topology {topology!r}: cannot describe it ({type(e).__name__}: "
-                     f"{str(e).splitlines()[0]}); TPU topologies need libtpu: "
-                     "pip install -e '.[tpu]'") from None
+    raise cli.UsageError(f"--topology {topology!r}: cannot describe it ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0]}); TPU topologies need libtpu: "
+                         "pip install -e '.[tpu]'") from None
   return Target(topology, list(desc.devices), HBM_GIB[generation] * GIB,
                 flops.PEAK_TFLOPS[PEAK_KEYS[generation]] * 1e12)
 
@@ -181,10 +182,9 @@ def _stages(cfg, which: str) -> list[int]:
   n = len(cfg.training.iterations)
   if which == "all":
     return list(range(n))
-  s = int(which)
-  if not 0 <= s < n:
-    raise SystemExit(f"--stage {s}: the config has stages 0..{n - 1}")
-  return [s]
+  if not which.isdigit() or not 0 <= int(which) < n:
+    raise cli.UsageError(f"--stage {which}: the config has stages 0..{n - 1} (or 'all')")
+  return [int(which)]
 
 
 def _with(cfg, **fields):
@@ -257,11 +257,8 @@ def _row(p: StagePlan) -> str:
   return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m cotir_jax.plan", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", metavar="FILE", help="the recipe (configs/cotir_4b.py ...); "
-                      "--config.a.b=v overrides any field")
+def _parser() -> cli.ArgumentParser:
+  parser = cli.ArgumentParser(prog="python -m cotir_jax.plan", description=__doc__, config=True)
   parser.add_argument("--topology", required=True,
                       help="TPU topology as GENERATION:SHAPE (v5e:2x2, v5e:4x4, v5p:2x2x1, "
                            "v6e:2x4, v4:2x2x1) or 'local' for this machine's devices")
@@ -278,14 +275,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  from cotir_jax import config
-  argv = list(sys.argv[1:] if argv is None else argv)
+  return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
   parser = _parser()
-  if {"-h", "--help"} & set(argv):
-    parser.print_help()
-    return 0
-  cfg, rest = config.parse_cli(argv)
-  args = parser.parse_args(rest)
+  cfg, args = cli.parse(parser, argv)
   if not 0 < args.mfu <= 1:
     parser.error("--mfu must be in (0, 1]")
   from cotir_jax.train.program import configure_compiler
@@ -293,9 +288,9 @@ def main(argv=None) -> int:
     cfg.compile_effort = -1.0  # memory and FLOPs as at 0 (measured), minutes less per compile
   if args.topology != "local":  # executables compiled for a topology without a client are not
     cfg.compile_cache_dir = ""  # loadable from the cache
-  configure_compiler(cfg)
-  tgt = target(args.topology)
   stages = _stages(cfg, args.stage)
+  tgt = target(args.topology)
+  configure_compiler(cfg)
   print(f"cotir_jax.plan: {cfg.project_name} on {tgt.name} ({len(tgt.devices)} chips"
         + (f", {tgt.hbm_bytes / GIB:.1f} GiB HBM each" if tgt.hbm_bytes else "") + ")", flush=True)
 

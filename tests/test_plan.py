@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from cotir_jax import plan
+from cotir_jax import cli, plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other test processes may hold libtpu
@@ -17,7 +17,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other test processes
 def _tpu_or_skip():
   try:
     plan.target("v5e:2x2")
-  except SystemExit as e:
+  except cli.UserError as e:
     pytest.skip(f"no libtpu for ahead-of-time TPU compiles: {e}")
 
 

@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cotir_jax import flops
+from cotir_jax.cli import UserError
 from cotir_jax import sample as sampler
 from cotir_jax.data import pipeline
 from cotir_jax.train import workdir as wd
@@ -33,7 +34,7 @@ from cotir_jax.train.program import Program, configure_compiler
 log = logging.getLogger("cotir_jax.train")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
   """The loss or gradient became NaN/inf; the last good checkpoint is left as it was."""
 
 
@@ -96,6 +97,7 @@ def train(cfg, workdir: str, *, take_over_lock: bool = False) -> dict:
   One run per workdir: process 0 holds `<workdir>/train.lock` while it runs (`take_over_lock`:
   take it from a run on another host that is gone; see `workdir.lock`).
   """
+  pipeline.make_prompt_bank(cfg)  # a wrong data.data_dir fails here, before anything is built
   with wd.lock(workdir, jax.process_index() == 0, take_over=take_over_lock):
     return _train(cfg, workdir)
 
@@ -104,6 +106,10 @@ def _train(cfg, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   lead = jax.process_index() == 0
   ckpt = Checkpointer(workdir, max_to_keep=cfg.training.checkpoints_total_limit)
+  if cfg.resume == "never" and ckpt.latest_step() is not None:
+    raise wd.WorkdirError(f"resume='never', but {ckpt.directory} holds the checkpoint of step "
+                          f"{ckpt.latest_step()}; train in a new --workdir, or resume='latest' "
+                          "to continue from it")
   config_changes = ckpt.check_config(cfg)  # another model's checkpoint fails here, before any build
   configure_compiler(cfg)
   prog = Program.build(cfg)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cotir_jax import models, sharding, tokenization
+from cotir_jax.config import ConfigError
 from cotir_jax.data.decode import TEXT_FIELDS
 from cotir_jax.models.layers import dtype_of
 from cotir_jax.models.text import build_text_encoder
@@ -161,8 +162,8 @@ def _tokenizer_dir(cfg, field: str, base_module: str) -> str:
     found = tokenizer_path(cfg.model.pretrained, base_module)
     if found:
       return found
-  raise ValueError(f"model.{field} is unset and model.pretrained has no tokenizer for "
-                   f"{base_module}; point model.{field} at a tokenizer directory")
+  raise ConfigError(f"model.{field} is unset and model.pretrained has no tokenizer for "
+                    f"{base_module}; point model.{field} at a tokenizer directory")
 
 
 def build_tokenizers(cfg) -> dict:

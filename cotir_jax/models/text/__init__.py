@@ -28,8 +28,8 @@ def text_config(cfg) -> TextConfig:
   """Our config dataclass from a dataclass or a mapping with `model_type` and field values."""
   if isinstance(cfg, tuple(MODULES)):
     return cfg
-  if not isinstance(cfg, Mapping) and hasattr(cfg, "to_dict"):
-    cfg = cfg.to_dict()
+  if not isinstance(cfg, Mapping) and hasattr(cfg, "items"):  # an ml_collections ConfigDict
+    cfg = dict(cfg.items())
   if not isinstance(cfg, Mapping):
     raise TypeError(f"text encoder config must be a config dataclass or a mapping, got {type(cfg)}")
   model_type = cfg.get("model_type")
