@@ -265,10 +265,24 @@ def _has_cuda() -> bool:
 
 @pytest.mark.skipif(not _has_cuda(), reason="cuDNN attention needs a CUDA GPU visible to JAX "
                     "(conftest pins JAX_PLATFORMS=cpu unless set: run with JAX_PLATFORMS=cuda,cpu)")
-def test_cudnn_matches_xla():
-  q, k, v = jax.device_put(_qkv(2, 72, 200, 2, 64, jnp.bfloat16), jax.devices("cuda")[0])
-  exact = _value_and_grads(XLA, *(x.astype(jnp.float32) for x in (q, k, v)))
-  for name, a, ref, truth in zip(("out", "dq", "dk", "dv"),
-                                 _value_and_grads(attention.AttentionSpec("cudnn"), q, k, v),
-                                 _value_and_grads(XLA, q, k, v), exact):
+@pytest.mark.parametrize("case", ["cross", "causal_padding_grouped", "bias"])
+def test_cudnn_matches_xla(case):
+  """The backbone's cross attention, the text encoders' causal + right padding + grouped
+  queries (kv_lengths → cuDNN's padding mode), and T5's additive bias, in bf16."""
+  cuda = jax.devices("cuda")[0]
+  spec = attention.AttentionSpec("cudnn")
+  assert attention.select(spec, dtype=jnp.bfloat16, head_dim=64)[0] == "cudnn"
+  rng = np.random.default_rng(2)
+  if case == "cross":
+    q, k, v = _qkv(2, 72, 200, 2, 64, jnp.bfloat16)
+    kw = {}
+  else:
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 200, n, 64)), jnp.bfloat16) for n in (4, 2, 2))
+    kw = (dict(causal=True, kv_lengths=jnp.asarray([200, 75], jnp.int32))
+          if case == "causal_padding_grouped"
+          else dict(scale=1.0 / 8, bias=jnp.asarray(rng.normal(size=(1, 4, 200, 200)), jnp.float32)))
+  q, k, v, kw = jax.device_put((q, k, v, kw), cuda)
+  exact = _value_and_grads(XLA, *(x.astype(jnp.float32) for x in (q, k, v)), **kw)
+  for name, a, ref, truth in zip(("out", "dq", "dk", "dv"), _value_and_grads(spec, q, k, v, **kw),
+                                 _value_and_grads(XLA, q, k, v, **kw), exact):
     assert _rel(a, truth) <= 2 * _rel(ref, truth) + 1e-3, (name, _rel(a, truth), _rel(ref, truth))
