@@ -22,11 +22,11 @@ import ml_collections
 from ml_collections import config_dict
 
 from cotir_jax.cli import UserError
+from cotir_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
 
 FAMILIES = ("flux2", "flux1")
 COMPAT_MODES = ("default", "upstream")
 LORA_INITS = ("zeros", "upstream")
-ATTENTION_IMPLS = ("xla", "cudnn", "splash")  # see models/attention.py
 REMAT_POLICIES = ("none", "full", "dots", "save_attention", "save_qkv_attention",
                   "offload_attention")  # models/layers.py: REMAT_POLICIES
 REMAT_PARTS = ("double_blocks", "single_blocks", "cot_adapter")
@@ -165,8 +165,9 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   c.model.mixed_precision = c.get_ref("mixed_precision")  # the same field, seen by the model
   c.model.pretrained = config_dict.placeholder(str)  # converted Orbax base checkpoint
   c.model.param_dtype = "bfloat16"  # frozen base weights
-  # "xla" (any device), "cudnn" (fused GPU kernel) or "splash" (TPU Pallas kernel; models/attention.py)
-  c.model.attention = "xla"
+  # backbone, CoT adapter and text encoders: "auto" (splash on TPU, cudnn on NVIDIA GPUs in
+  # bf16 / fp16, xla elsewhere), "xla" (any device), "cudnn" or "splash" (models/attention.py)
+  c.model.attention = "auto"
   c.model.attention_block_q = 512   # splash query / key tile sizes: upper bounds, multiples of 128
   c.model.attention_block_kv = 512
   c.model.scan_layers = True

@@ -383,7 +383,8 @@ class Restorer:
     if self._run is None:
       raise RuntimeError("load weights first")
     batch = jax.device_put(batch, self.batch_sharding)
-    with sharding.activation_sharding(self.mesh, self.rules):
+    # traced under the mesh: the splash kernel's shard_map partitions over it (models/attention.py)
+    with jax.set_mesh(self.mesh), sharding.activation_sharding(self.mesh, self.rules):
       return self._run(self._state, self.encoders, batch, jnp.uint32(seed))
 
   # ---------------------------------------------------------------------------- the loop

@@ -224,20 +224,12 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return out.reshape(x.shape).astype(x.dtype)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation="xla") -> jax.Array:
-  """Unmasked attention of q [B, Lq, H, D] over k, v [B, Lk, H, D] → [B, Lq, H·D].
-
-  `implementation`: a `model.attention` name ("xla", "cudnn", "splash") or an
-  `attention.AttentionSpec` with the kernel's block sizes; scale 1/sqrt(D), no mask (spec §2).
-  """
-  out = kernels.attend(q, k, v, implementation)
-  return out.reshape(*out.shape[:2], -1)
-
-
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, rope: tuple[jax.Array, jax.Array],
-              implementation: str = "xla", q_rope: tuple[jax.Array, jax.Array] | None = None
-              ) -> jax.Array:
+              implementation: kernels.AttentionSpec | str = "xla",
+              q_rope: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
   """Full bidirectional attention with RoPE on q, k ([B, L, H, D]); returns [B, Lq, H·D].
+
+  `implementation`: an `attention.AttentionSpec` or a `model.attention` name; scale 1/sqrt(D).
 
   `q_rope` gives the queries' own cos/sin when they are a subset of the keys' positions (the
   CoT adapter's text rows). q, k, v (after RoPE) and the output are named for remat policies
@@ -247,7 +239,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, rope: tuple[jax.Array, j
   qc, qs = q_rope or rope
   q, k, v = (checkpoint_name(constrain(x, HEADS), QKV)
              for x in (apply_rope(q, qc, qs), apply_rope(k, cos, sin), v))
-  return checkpoint_name(constrain(attend(q, k, v, implementation), HIDDEN), ATTENTION_OUT)
+  out = kernels.attend(q, k, v, implementation)
+  return checkpoint_name(constrain(out.reshape(*out.shape[:2], -1), HIDDEN), ATTENTION_OUT)
 
 
 def split_heads(x: jax.Array, parts: int, num_heads: int) -> list[jax.Array]:

@@ -66,7 +66,9 @@ class ModelSpec:
     return self.family == "flux1"
 
   @classmethod
-  def from_config(cls, m) -> "ModelSpec":
+  def from_config(cls, m, platform: str | None = None) -> "ModelSpec":
+    """From `config.model`; `platform`: of the devices it runs on (what model.attention="auto"
+    resolves for; None: the default devices)."""
     upstream = m.get("compat", "default") == "upstream"
     lora = m.lora
     return cls(
@@ -81,7 +83,7 @@ class ModelSpec:
               if lora.enabled else None),
         dtype=COMPUTE_DTYPES[m.mixed_precision], param_dtype=dtype_of(m.param_dtype),
         trainable_dtype=jnp.bfloat16 if upstream else jnp.float32, upstream=upstream,
-        attention=AttentionSpec.from_config(m), remat=m.remat_policy, scan_layers=bool(m.scan_layers),
+        attention=AttentionSpec.from_config(m, platform), remat=m.remat_policy, scan_layers=bool(m.scan_layers),
         remat_overrides=tuple((part, policy) for part, policy in m.get("remat", {}).items()
                               if policy))
 

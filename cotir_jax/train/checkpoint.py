@@ -52,7 +52,7 @@ from cotir_jax.train.workdir import WorkdirError
 # mesh, paths) is allowed; so is a field that only one of the two configs has (a config schema
 # that gained a field since the checkpoint was written).
 CHECKPOINT_FIELDS = ("compat", "model.*")
-MAY_CHANGE = ("model.pretrained", "model.tokenizer", "model.tokenizer_2", "model.attention",
+MAY_CHANGE = ("model.pretrained", "model.tokenizer", "model.tokenizer_2", "model.attention*",
               "model.scan_layers", "model.remat_policy", "model.mixed_precision",
               "model.lora.merge_for_inference")
 

@@ -134,6 +134,7 @@ def _train(cfg, workdir: str) -> dict:
     print(f"cotir_jax: {jax.process_count()} process(es), {jax.device_count()} "
           f"{jax.devices()[0].platform} device(s), mesh {dict(prog.mesh.shape)}"
           + (f" ({prog.mesh_note})" if prog.mesh_note else "")
+          + f"; attention {prog.attention_summary}"
           + f"; parameters {n_params:,} total / {n_train:,} trainable; state + frozen weights "
           f"{mem / 2**20:.1f} MiB per device; "
           + (f"resuming at step {step}" if restored else "starting at step 0")

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 from flax import nnx
 
+from cotir_jax.models.attention import AttentionSpec
 from cotir_jax.models.text.clip import CLIPTextConfig, CLIPTextEncoder, clip_config
 from cotir_jax.models.text.qwen3 import Qwen3Config, Qwen3Embedder, qwen3_config
 from cotir_jax.models.text.t5 import T5Config, T5Encoder, t5_config
@@ -45,8 +46,10 @@ def text_config(cfg) -> TextConfig:
 
 
 def build_text_encoder(cfg, *, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                       rngs: nnx.Rngs, implementation: str = "xla", scan: bool = True):
-  """The Qwen3 embedder, T5 encoder or CLIP text encoder for `cfg` (random init)."""
+                       rngs: nnx.Rngs, implementation: AttentionSpec | str = "xla",
+                       scan: bool = True):
+  """The Qwen3 embedder, T5 encoder or CLIP text encoder for `cfg` (random init);
+  `implementation`: its attention kernel (`model.attention`, see models/attention.py)."""
   cfg = text_config(cfg)
   return MODULES[type(cfg)](cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                             implementation=implementation, scan=scan)
