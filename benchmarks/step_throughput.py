@@ -373,7 +373,7 @@ def main(argv=None):
   device = torch.device("cuda" if dev.platform == "gpu" else "cpu")
   if dev.platform not in ("cpu", "gpu"):
     raise SystemExit(f"the torch side needs a CPU or a CUDA GPU; JAX runs on {dev.platform}")
-  autocast = cfg.model.dtype == "bfloat16"
+  autocast = cfg.mixed_precision == "bf16"
   torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.param_dtype]
   m = cfg.model
   info = {
@@ -383,8 +383,8 @@ def main(argv=None):
       "depth_single_blocks": m.depth_single_blocks, "adapter_depth": m.cot_adapter.depth,
       "lora_rank": m.lora.rank, "context_in_dim": m.context_in_dim,
       "text_tokens": int(cfg.data.max_length), "image_tokens": 2 * (patch // 16) ** 2,
-      "patch": patch, "batch": batch, "dtype": m.dtype, "param_dtype": m.param_dtype,
-      "remat": m.remat_policy, "attention": m.attention,
+      "patch": patch, "batch": batch, "mixed_precision": cfg.mixed_precision,
+      "param_dtype": m.param_dtype, "remat": m.remat_policy, "attention": m.attention,
       "jax_threads (CPU affinity)": len(os.sched_getaffinity(0)),
       "torch_threads": torch.get_num_threads(), "torch_flush_denormal": flush_denormal,
       "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),

@@ -21,10 +21,12 @@ from collections.abc import Sequence
 import ml_collections
 from ml_collections import config_dict
 
+from cotir_jax.cli import UserError
+from cotir_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
+
 FAMILIES = ("flux2", "flux1")
 COMPAT_MODES = ("default", "upstream")
 LORA_INITS = ("zeros", "upstream")
-ATTENTION_IMPLS = ("xla", "cudnn", "splash")  # see models/attention.py
 REMAT_POLICIES = ("none", "full", "dots", "save_attention", "save_qkv_attention",
                   "offload_attention")  # models/layers.py: REMAT_POLICIES
 REMAT_PARTS = ("double_blocks", "single_blocks", "cot_adapter")
@@ -40,7 +42,43 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATH_FIELDS = ("data.data_dir", "model.tokenizer", "model.tokenizer_2", "model.pretrained")
 
 
-class ConfigError(ValueError):
+REPORT_TO = ("tensorboard", "wandb")
+RESUME = ("latest", "never")
+
+# Upstream YAML fields this port does not have, with what to use instead: an override naming
+# one fails with this message, not with a bare "unknown field".
+REMOVED_FIELDS = {
+    "model.base_model_name": "the recipe chooses the backbone: config.defaults('flux.2-klein-4b' "
+                             "| 'flux.2-klein-9b' | 'flux-dev-kontext'), as configs/cotir_4b.py, "
+                             "cotir_9b.py and cotir_12b.py do",
+    "model.base_model_path": "convert the base model with convert/diffusers_to_orbax.py and set "
+                             "model.pretrained to its output",
+    "model.dtype": "the compute dtype is mixed_precision: 'bf16' or 'no' (float32)",
+    "model.cot_adapter.qk_scale": "upstream never uses it: attention always scales by "
+                                  "1/sqrt(head dim)",
+    "data.output_dir": "the run directory is the --workdir flag (default runs/<project_name>)",
+    "data.logging_dir": "metrics and TensorBoard events go to the --workdir (metrics.jsonl, "
+                        "tensorboard/)",
+    "data.shuffle_buffer": "samples are read in a seeded global permutation (seed, "
+                           "data.balanced_seed, data.mixing), which needs no shuffle buffer",
+    "data.balanced_target_types": "not supported: point data.data_dir at a folder holding only "
+                                  "the degradation types to train on",
+    "data.balanced_rounds": "not supported: the stream is as long as training.iterations needs",
+    "data.test": "use python -m cotir_jax.restore for test sets",
+    "training.txt_weight_s": "upstream never reads it; the text losses are weighted by the learned "
+                             "multipliers (training.delta_s, training.lambda_lr)",
+    "training.txt_weight_d": "upstream never reads it; the text losses are weighted by the learned "
+                             "multipliers (training.delta_d, training.lambda_lr)",
+    "training.txt_weight_p": "upstream never reads it; the text losses are weighted by the learned "
+                             "multipliers (training.delta_p, training.lambda_lr)",
+    "device": "JAX uses every local accelerator; choose the platform with JAX_PLATFORMS",
+    "inference.base_model_path": "set model.pretrained (a convert/diffusers_to_orbax.py output)",
+    "inference.lora_path": "pass the weights to python -m cotir_jax.restore --weights",
+    "inference.cot_adapter_path": "pass the weights to python -m cotir_jax.restore --weights",
+}
+
+
+class ConfigError(UserError, ValueError):
   """A config value or override is invalid; the message names the field."""
 
 
@@ -85,10 +123,9 @@ def backbone_preset(name: str) -> ml_collections.ConfigDict:
                                depth_single_blocks=38, context_in_dim=4096),
   }
   if name not in presets:
-    raise ConfigError(f"model.base_model_name={name!r} is unknown; allowed: {sorted(presets)}")
+    raise ConfigError(f"backbone {name!r} is unknown; allowed: {sorted(presets)}")
   p = presets[name]
   m = ml_collections.ConfigDict()
-  m.base_model_name = name
   m.family = p["family"]
   m.hidden_size = p["hidden_size"]
   m.num_heads = p["num_heads"]
@@ -119,15 +156,18 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   # "default": float32 RoPE/timesteps, float32 master weights, zero-init LoRA B.
   # "upstream": every precision/init quirk of spec §12 and §17, as the released weights saw.
   c.compat = "default"
+  # accelerate's names: "bf16" multiplies in bfloat16 (float32 accumulation), "no" in float32
+  c.mixed_precision = "bf16"
   c.seed = 0
 
   c.model = backbone_preset(base_model_name)
   c.model.compat = c.get_ref("compat")
+  c.model.mixed_precision = c.get_ref("mixed_precision")  # the same field, seen by the model
   c.model.pretrained = config_dict.placeholder(str)  # converted Orbax base checkpoint
-  c.model.dtype = "bfloat16"        # compute dtype of matmuls (float32 accumulation)
   c.model.param_dtype = "bfloat16"  # frozen base weights
-  # "xla" (any device), "cudnn" (fused GPU kernel) or "splash" (TPU Pallas kernel; models/attention.py)
-  c.model.attention = "xla"
+  # backbone, CoT adapter and text encoders: "auto" (splash on TPU, cudnn on NVIDIA GPUs in
+  # bf16 / fp16, xla elsewhere), "xla" (any device), "cudnn" or "splash" (models/attention.py)
+  c.model.attention = "auto"
   c.model.attention_block_q = 512   # splash query / key tile sizes: upper bounds, multiples of 128
   c.model.attention_block_kv = 512
   c.model.scan_layers = True
@@ -139,15 +179,14 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   c.model.cot_adapter.hidden_size = c.model.get_ref("hidden_size")
   c.model.cot_adapter.num_heads = c.model.get_ref("num_heads")
   c.model.cot_adapter.mlp_ratio = 4.0
-  c.model.cot_adapter.qk_scale = "None"  # upstream's YAML string; never used (spec §17.6)
   c.model.cot_adapter.out_channels = c.model.get_ref("context_in_dim")
   c.model.cot_adapter.depth = 6
   c.model.lora = ml_collections.ConfigDict()
   c.model.lora.enabled = True
   c.model.lora.rank = 96
   c.model.lora.scale = 1.0
-  c.model.lora.lora_bias = True  # upstream never reads it; B always has a bias
-  c.model.lora.merge_for_inference = False
+  c.model.lora.lora_bias = True  # B's bias (upstream's LoRA always has one); False: none
+  c.model.lora.merge_for_inference = False  # restore: fold LoRA into the base weights first
   c.model.lora.init = "zeros"    # "upstream": PyTorch default init of A, B and B's bias
   # Frozen encoders (spec §9). With model.pretrained they come from the converted checkpoint.
   qwen = {"flux.2-klein-4b": "4b", "flux.2-klein-9b": "8b"}.get(base_model_name, "full")
@@ -156,12 +195,11 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   # Tokenizer directories: FLUX.2 `tokenizer/` (Qwen); FLUX.1 `tokenizer/` (CLIP) and
   # `tokenizer_2/` (T5). Unset: the ones stored with model.pretrained.
   c.model.tokenizer = config_dict.placeholder(str)
-  c.model.tokenizer_2 = config_dict.placeholder(str)
+  if c.model.family == "flux1":
+    c.model.tokenizer_2 = config_dict.placeholder(str)
 
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = "../CoTIR-Bench"  # upstream layout: image/<deg>/*.tar + prompts/
-  c.data.output_dir = "saves/"
-  c.data.shuffle_buffer = 100
   c.data.balanced_shuffle = True
   c.data.balanced_seed = config_dict.placeholder(int)
   c.data.return_deg_type = False
@@ -233,8 +271,9 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   c.mesh.fsdp = -1
   c.mesh.tensor = 1
 
-  c.mixed_precision = "bf16"
-  c.report_to = "tensorboard"
+  c.report_to = "tensorboard"  # or "wandb" (pip install wandb); metrics.jsonl is always written
+  # "latest": continue from the newest checkpoint in --workdir, if any; "never": start at step 0
+  # and refuse a workdir that holds checkpoints (another run's work is never overwritten)
   c.resume = "latest"
   return c
 
@@ -251,7 +290,7 @@ def tiny(base_model_name: str) -> ml_collections.ConfigDict:
   m.num_heads = 2
   m.depth = 2
   m.depth_single_blocks = 2
-  m.dtype = "float32"
+  c.mixed_precision = "no"
   m.param_dtype = "float32"
   m.remat_policy = "none"  # nothing to save at these sizes; halves the compile time
   c.mesh.data, c.mesh.fsdp = -1, 1  # plain data parallelism is fastest for a model this small
@@ -286,6 +325,13 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   m = cfg.model
   choose("compat", cfg.compat, COMPAT_MODES)
+  from cotir_jax.models.spec import COMPUTE_DTYPES
+  if cfg.mixed_precision == "fp16":
+    raise ConfigError("mixed_precision='fp16' is not supported (float16 needs loss scaling); "
+                      "choose 'bf16' or 'no'")
+  choose("mixed_precision", cfg.mixed_precision, COMPUTE_DTYPES)
+  choose("report_to", cfg.report_to, REPORT_TO)
+  choose("resume", cfg.resume, RESUME)
   choose("model.family", m.family, FAMILIES)
   choose("model.lora.init", m.lora.init, LORA_INITS)
   choose("model.attention", m.attention, ATTENTION_IMPLS)
@@ -296,7 +342,6 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for part in REMAT_PARTS:
     if m.remat[part] is not None:
       choose(f"model.remat.{part}", m.remat[part], REMAT_POLICIES)
-  choose("model.dtype", m.dtype, DTYPES)
   choose("model.param_dtype", m.param_dtype, DTYPES)
   choose("model.encoder_dtype", m.encoder_dtype, DTYPES)
   choose("data.mixing", cfg.data.mixing, MIXING)
@@ -320,6 +365,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if a.hidden_size % a.num_heads or a.hidden_size // a.num_heads != head_dim:
     raise ConfigError(f"model.cot_adapter.num_heads={a.num_heads} must give the backbone head dim {head_dim}")
   t = cfg.training
+  choose("training.lr_scheduler", t.lr_scheduler, ("cosine",))
   n = len(t.iterations)
   for name in ("patch_sizes", "batch_sizes"):
     if len(t[name]) != n:
@@ -371,6 +417,8 @@ def apply_override(cfg: ml_collections.ConfigDict, override: str) -> None:
       raise ConfigError(f"unknown config field {'.'.join(parents[: i + 1])!r} (in override {override!r})")
     node = node[key]
   if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    if path in REMOVED_FIELDS:
+      raise ConfigError(f"config field {path!r} does not exist here: {REMOVED_FIELDS[path]}")
     known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
     raise ConfigError(f"unknown config field {path!r}; fields here: {known}")
   value = _parse_value(text)
@@ -421,7 +469,15 @@ def _resolve_paths(cfg: ml_collections.ConfigDict) -> None:
 
 def parse_cli(argv: Sequence[str] | None = None) -> tuple[ml_collections.ConfigDict, list[str]]:
   """Reads `--config path` and `--config.a.b=v` from argv; returns (config, other args)."""
-  argv = list(sys.argv[1:] if argv is None else argv)
+  path, overrides, rest = split_cli(sys.argv[1:] if argv is None else argv)
+  if path is None:
+    raise ConfigError("missing --config path/to/config.py")
+  return load(path, overrides), rest
+
+
+def split_cli(argv: Sequence[str]) -> tuple[str | None, list[str], list[str]]:
+  """(`--config` path or None, `a.b=v` overrides, the other arguments) of a command line."""
+  argv = list(argv)
   path, overrides, rest = None, [], []
   i = 0
   while i < len(argv):
@@ -441,6 +497,4 @@ def parse_cli(argv: Sequence[str] | None = None) -> tuple[ml_collections.ConfigD
     else:
       rest.append(arg)
     i += 1
-  if path is None:
-    raise ConfigError("missing --config path/to/config.py")
-  return load(path, overrides), rest
+  return path, overrides, rest

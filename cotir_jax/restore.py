@@ -22,9 +22,11 @@ truncating uint8 cast. Mixed sizes share compiled programs: the working image is
 to the next bucket size of a ladder (16, 32, 48, 64, 80, 96, 112, 128, 160, ...: P, 1.25P,
 1.5P, 1.75P per power of two P ≥ 64, at most 25% padding per side) and cropped after decoding,
 each image keeping the schedule of its own token count, so a directory compiles once per bucket
-(counted; `Restorer.compiles`). Batches are sharded over the mesh's data × fsdp devices; LoRA
-is merged into the base weights once. The noise of image i is drawn from fold_in(key(seed), i),
-whatever its batch and position. An unreadable image is reported by name and skipped.
+(counted; `Restorer.compiles`). Batches are sharded over the mesh's data × fsdp devices; with
+`model.lora.merge_for_inference` LoRA is folded into the base weights once, as upstream merges
+it (its test configs leave it unmerged, the default here). The noise of image i is drawn from
+fold_in(key(seed), i), whatever its batch and position. An unreadable image is reported by name
+and skipped.
 
 Multi-host (`--distributed`, the flags of `python -m cotir_jax.train`; every host runs the same
 command and sees the same --input and --weights): the mesh spans every chip of the slice, the
@@ -35,7 +37,6 @@ several hosts is written by the first), so outputs never collide and equal a 1-h
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import io
@@ -53,12 +54,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 from tqdm import tqdm
 
+from cotir_jax import cli
 from cotir_jax import config as config_lib
 from cotir_jax import models, multihost, sharding
 from cotir_jax import sample as sampler
 from cotir_jax.convert import cotir as cotir_files
 from cotir_jax.convert import orbax_io
-from cotir_jax.convert.core import ConversionError
 from cotir_jax.train import objective as obj
 from cotir_jax.train.modules import build_states, build_tokenizers
 from cotir_jax.train.program import configure_compiler
@@ -69,7 +70,7 @@ RESULTS_DIR, REFERENCE_DIR = "restored", "reference"
 UPSTREAM_FILES = ("lora.pt", "lora.safetensors", "cot_adapter.pt", "cot_adapter.safetensors")
 
 
-class RestoreError(ValueError):
+class RestoreError(cli.UserError, ValueError):
   """Bad arguments or an input that cannot be read at all; the message names it."""
 
 
@@ -304,9 +305,15 @@ def read_weights(paths: Sequence[str], targets: dict, family: str) -> dict[str, 
 
 # ----------------------------------------------------------------------------- the model
 
+def inference_model(cfg, model: models.CoTIR) -> models.CoTIR:
+  """The model restore samples with: LoRA folded into the base weights only when
+  `model.lora.merge_for_inference` is set (upstream's test configs keep it apart)."""
+  return models.merge_lora(model) if cfg.model.lora.merge_for_inference else model
+
+
 class Restorer:
-  """The frozen modules on the mesh, weights loaded and LoRA merged, and one jitted
-  `LQ batch → results` program per size bucket."""
+  """The frozen modules on the mesh, weights loaded (LoRA merged if the config says so), and
+  one jitted `LQ batch → results` program per size bucket."""
 
   def __init__(self, cfg, *, reloadable: bool = False):
     self.cfg = cfg
@@ -326,7 +333,8 @@ class Restorer:
     self._programs = {}  # the sampler compiled for each batch shape
 
   def load(self, weights: Sequence[str]) -> None:
-    """Reads the trainable weights into the model and merges its LoRA into the base weights."""
+    """Reads the trainable weights into the model; merges its LoRA into the base weights when
+    `model.lora.merge_for_inference` is set."""
     if self._base is None:
       raise RuntimeError("weights are loaded already; build the Restorer with reloadable=True")
     multihost.barrier()  # Orbax's reads meet the other processes in a collective
@@ -337,8 +345,8 @@ class Restorer:
       old = var.get_value()
       var.set_value(sharding.global_array(
           np.asarray(values[".".join(map(str, path))]).astype(old.dtype), old.sharding))
-    model = models.merge_lora(nnx.merge(self._model_graph, nnx.from_flat_state(flat_state),
-                                        self._base))
+    model = inference_model(self.cfg, nnx.merge(self._model_graph,
+                                                nnx.from_flat_state(flat_state), self._base))
     graph, state = nnx.split(model)
     if self._graph is not None and graph != self._graph:
       raise RuntimeError("the merged model changed structure between loads")
@@ -387,7 +395,8 @@ class Restorer:
             sharding.global_array(np.uint32(seed), sharding.replicated(self.mesh)))
     shape = tuple(v.shape for v in batch.values())
     if shape not in self._programs:
-      with sharding.activation_sharding(self.mesh, self.rules):
+      # traced under the mesh: the splash kernel's shard_map partitions over it (models/attention.py)
+      with jax.set_mesh(self.mesh), sharding.activation_sharding(self.mesh, self.rules):
         self._programs[shape] = self._run.lower(*args).compile()
       multihost.barrier()  # hosts compile at their own pace; the sampler runs on all together
     return self._programs[shape](*args)
@@ -504,56 +513,55 @@ def _write(images, loaded, jobs_in_batch, bar) -> int:
 
 # ----------------------------------------------------------------------------- CLI
 
-def main(argv: Sequence[str] | None = None) -> int:
-  try:
-    cfg, rest = config_lib.parse_cli(argv)
-  except config_lib.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  p = argparse.ArgumentParser(prog="python -m cotir_jax.restore", description=__doc__.splitlines()[0])
+def _parser() -> cli.ArgumentParser:
+  p = cli.ArgumentParser(prog="python -m cotir_jax.restore", description=__doc__, config=True)
   p.add_argument("--weights", nargs="+", required=True,
                  help="training workdir / checkpoint step / cotir_to_orbax output, or upstream "
                       "lora.pt + cot_adapter.pt (two files or their directory)")
   p.add_argument("--input", required=True,
                  help="an image, a directory of images, a test JSONL or a CoTIR-Bench directory")
   p.add_argument("--out", required=True, help="output directory")
-  p.add_argument("--prompt", default=None,
-                 help=f"text or a .txt file (default inference.prompt: {cfg.inference.prompt!r})")
+  p.add_argument("--prompt", default=None, help="text or a .txt file (default inference.prompt)")
   p.add_argument("--lq_dir", default=None, help="JSONL input: image directory (default <jsonl dir>/lq)")
   for flag in ("num_steps", "seed", "max_long_edge", "batch_size"):
     p.add_argument(f"--{flag}", type=int, default=None, help=f"default inference.{flag}")
   multihost.add_arguments(p)
-  args = p.parse_args(rest)
-  multihost.initialize(args, p, preemption=False)  # SIGTERM ends a restore on any host
-  try:
-    for flag in ("num_steps", "seed", "max_long_edge", "batch_size"):
-      if getattr(args, flag) is not None:
-        config_lib.apply_override(cfg, f"inference.{flag}={getattr(args, flag)}")
-    config_lib.validate(cfg)
-    configure_compiler(cfg)
-    failure = None
-    try:  # on every host: each must see the inputs and weights
-      jobs, skipped = collect_jobs(args.input, args.out, prompt=args.prompt,
-                                   default_prompt=cfg.inference.prompt, lq_dir=args.lq_dir,
-                                   cache_dir=cfg.data.index_cache_dir)
-      for w in args.weights:  # before the model is built
-        if not os.path.exists(w):
-          raise RestoreError(f"--weights {w!r} does not exist")
-    except RestoreError as e:
-      failure = str(e)
-    verdict = multihost.agree(failure)  # every host stops, or none
-    if verdict:
-      raise RestoreError(verdict)
-    for name, reason in skipped:
-      print(f"skipped {name}: {reason}", file=sys.stderr)
-    restorer = Restorer(cfg)
-    restorer.load(args.weights)
-    inf = cfg.inference
-    summary = restorer.restore(jobs, num_steps=inf.num_steps, seed=inf.seed,
-                               batch_size=inf.batch_size, max_long_edge=inf.max_long_edge)
-  except (RestoreError, ConversionError, config_lib.ConfigError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+  parser = _parser()
+  cfg, args = cli.parse(parser, argv)
+  multihost.initialize(args, parser, preemption=False)  # SIGTERM ends a restore on any host
+  for flag in ("num_steps", "seed", "max_long_edge", "batch_size"):
+    if getattr(args, flag) is not None:
+      config_lib.apply_override(cfg, f"inference.{flag}={getattr(args, flag)}")
+  config_lib.validate(cfg)
+  failure = None
+  try:  # on every host: each must see the inputs and weights
+    jobs, skipped = collect_jobs(args.input, args.out, prompt=args.prompt,
+                                 default_prompt=cfg.inference.prompt, lq_dir=args.lq_dir,
+                                 cache_dir=cfg.data.index_cache_dir)
+    for w in args.weights:  # before the model is built
+      if not os.path.exists(w):
+        raise RestoreError(f"--weights {w!r} does not exist")
+  except cli.USER_ERRORS as e:
+    failure = str(e)
+  verdict = multihost.agree(failure)  # every host stops, or none
+  if verdict:
+    raise RestoreError(verdict)
+  for name, reason in skipped:
+    print(f"skipped {name}: {reason}", file=sys.stderr)
+  configure_compiler(cfg)
+  restorer = Restorer(cfg)
+  restorer.load(args.weights)
+  summary = restorer.restore(jobs, num_steps=cfg.inference.num_steps, seed=cfg.inference.seed,
+                             batch_size=cfg.inference.batch_size,
+                             max_long_edge=cfg.inference.max_long_edge)
   skipped += summary["skipped"]
   print(f"cotir_jax: restored {summary['restored']} image(s) into {args.out}; skipped "
         f"{len(skipped)}; {len(summary['buckets'])} size bucket(s), "

@@ -181,8 +181,21 @@ def import_cotir_params(family: str, lora_targets: Mapping, adapter_targets: Map
     if not targets:
       raise ConversionError(f"{path}: the model has no {what} parameters to load into "
                             f"(is model.lora.enabled false?)")
-    out.update(import_params(rules, read_tensors(path), targets, source=path))
+    tensors = read_tensors(path)
+    if what == "LoRA" and not any(k.endswith(".lora.b_bias") for k in targets):
+      tensors = _without_zero_biases(tensors, path)
+    out.update(import_params(rules, tensors, targets, source=path))
   return out
+
+
+def _without_zero_biases(tensors: Mapping[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
+  """The file's tensors less its `lora_B.bias` vectors, which a LoRA without bias
+  (`model.lora.lora_bias=False`) can drop only when they are zero."""
+  for k in tensors:
+    if k.endswith(".lora_B.bias") and np.any(np.asarray(tensors[k], np.float32)):
+      raise ConversionError(f"{path}: {k} is not zero, but the config's LoRA has no bias "
+                            "(model.lora.lora_bias=False); set it True to load these weights")
+  return {k: tensors[k] for k in tensors if not k.endswith(".lora_B.bias")}
 
 
 def _assign(model: nnx.Module, values: Mapping[str, np.ndarray]) -> None:
@@ -225,8 +238,11 @@ def export_cotir_params(params: Mapping[str, object], dtype=jnp.bfloat16
   lora = {k: v for k, v in params.items() if not k.startswith("cot_adapter.")}
   adapter = {k: v for k, v in params.items() if k.startswith("cot_adapter.")}
   cast = (lambda d: {k: v.astype(want) for k, v in d.items()}) if want is not None else (lambda d: d)
-  return (cast(export_params(lora_rules(family), lora)),
-          cast(export_params(adapter_rules(), adapter)))
+  lora = export_params(lora_rules(family), lora)
+  for k, b in list(lora.items()):  # upstream's LoRA always has B's bias: zeros keep its output
+    if k.endswith(".lora_B.weight") and k.replace(".weight", ".bias") not in lora:
+      lora[k.replace(".weight", ".bias")] = np.zeros(b.shape[:1], b.dtype)
+  return cast(lora), cast(export_params(adapter_rules(), adapter))
 
 
 def write_cotir_files(params: Mapping[str, object], out_dir: str, fmt: str = "pt",

@@ -19,6 +19,7 @@ try:  # libspng decodes 8-bit RGB PNGs about 1.7x faster than Pillow here; Pillo
 except ImportError:  # pragma: no cover - optional speed-up
   pyspng = None
 
+from cotir_jax.cli import UserError
 from cotir_jax.data import prompts as P
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -44,7 +45,7 @@ class RawRecord:
   truncated: bool = False
 
 
-class SkipFractionError(RuntimeError):
+class SkipFractionError(UserError, RuntimeError):
   """More samples or shards were skipped than data.max_skip_fraction allows: the dataset needs fixing."""
 
 

@@ -37,11 +37,12 @@ from pathlib import Path
 import grain
 import numpy as np
 
+from cotir_jax.config import ConfigError
 from cotir_jax.data import prompts as P
 from cotir_jax.data.decode import (MAX_IMAGE_PIXELS, REASONS, TEXT_FIELDS, RawRecord, SkipFractionError,
                                    SkipSample, process_record)
 from cotir_jax.data.mixing import StreamOrder
-from cotir_jax.data.sources import TarSource, check_bad_shards, resolve_layout
+from cotir_jax.data.sources import DataLayoutError, TarSource, check_bad_shards, resolve_layout
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def make_prompt_bank(cfg) -> P.PromptBank:
   bank = P.PromptBank(root, P.special_dir_for(root), _get(cfg, "data.missing_prompt", "skip"),
                       _get(cfg, "data.prompt_errors", "stop"))
   if not bank.generic:
-    raise ValueError(f"{root / 'gen_prompt.txt'} has no prompts")
+    raise DataLayoutError(f"{root / 'gen_prompt.txt'} has no prompts")
   return bank
 
 
@@ -288,7 +289,8 @@ def per_process_batch(cfg, stage: int, process_count: int) -> int:
   """training.batch_sizes are global (design decision 6): per-process = global / processes."""
   g = int(cfg.training.batch_sizes[stage])
   if g % process_count:
-    raise ValueError(f"training.batch_sizes[{stage}]={g} is not divisible by {process_count} processes")
+    raise ConfigError(f"training.batch_sizes[{stage}]={g} is not divisible by {process_count} "
+                      "processes")
   return g // process_count
 
 

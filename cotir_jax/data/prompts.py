@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cotir_jax.cli import UserError
+
 log = logging.getLogger(__name__)
 
 PROMPT_ERRORS = ("stop", "skip")
@@ -29,7 +31,7 @@ class PromptError(Exception):
     self.reason = reason
 
 
-class PromptFileError(ValueError):
+class PromptFileError(UserError, ValueError):
   """A prompt file is not UTF-8 (data.prompt_errors='stop'); the message names the file and lines."""
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cotir_jax.cli import UserError
 from cotir_jax.data import prompts as P
 from cotir_jax.data.decode import RawRecord, SkipFractionError
 
@@ -33,7 +34,7 @@ _INDEX_VERSION = 2
 _MAX_TAIL_READ = 1 << 20  # bytes past the last member checked for being end-of-archive zero padding
 
 
-class DataLayoutError(RuntimeError):
+class DataLayoutError(UserError, RuntimeError):
   """Entries under the shard root cannot be opened; the message lists every such path and why."""
 
 

@@ -12,14 +12,15 @@ checks them as a run on the tars does. Works without TensorFlow
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from cotir_jax import cli
 from cotir_jax.data.decode import RawRecord
 from cotir_jax.data.sources import TarSource, check_bad_shards, resolve_layout
 
@@ -139,14 +140,21 @@ class ArrayRecordSource:
     return f"ArrayRecordSource(data_dir={self.data_dir!r}, records={len(self)}, types={len(self.types)})"
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+  return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
+  ap = cli.ArgumentParser(prog="python -m cotir_jax.data.tfds_builder", description=__doc__)
   ap.add_argument("--source", required=True, help="CoTIR-Bench root (image/ + prompts/)")
   ap.add_argument("--out", required=True, help="TFDS data_dir to write cotir_bench/1.0.0 into")
   a = ap.parse_args(argv)
+  if not os.path.isdir(a.source):  # before TFDS creates anything under --out
+    raise cli.UsageError(f"--source {a.source!r} is not a directory")
   b = build(a.source, a.out)
   print(Path(b.data_dir))
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -6,19 +6,15 @@ environment variables): every process gets the same `--coordinator` and `--num_p
 its own `--process_id`.
 """
 
-import argparse
 import logging
 import os
 import sys
 
-from cotir_jax import config, multihost
+from cotir_jax import cli, multihost
 
 
-def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m cotir_jax.train", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", metavar="FILE", help="the recipe (configs/tiny.py, "
-                      "configs/cotir_4b.py ...); --config.a.b=v overrides any field")
+def _parser() -> cli.ArgumentParser:
+  parser = cli.ArgumentParser(prog="python -m cotir_jax.train", description=__doc__, config=True)
   parser.add_argument("--workdir", default=None,
                       help="output and resume directory (default: runs/<project_name>)")
   multihost.add_arguments(parser)
@@ -29,24 +25,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
+  return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
   parser = _parser()
-  if {"-h", "--help"} & set(argv):
-    parser.print_help()
-    return 0
-  cfg, rest = config.parse_cli(argv)
-  args = parser.parse_args(rest)
+  cfg, args = cli.parse(parser, argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   import jax
   multihost.initialize(args, parser)
   from cotir_jax.train.loop import train
-  from cotir_jax.train.workdir import WorkdirError
   workdir = args.workdir or f"runs/{cfg.project_name}"
   try:
     summary = train(cfg, workdir, take_over_lock=args.take_over_lock)
-  except WorkdirError as e:  # a start-up check failed on some process (locked, unwritable, ...)
-    print(f"cotir_jax: error: {e}", file=sys.stderr, flush=True)
-    return 2
   except jax.errors.JaxRuntimeError as e:
     if not (args.distributed and jax.process_count() > 1):
       raise

@@ -54,9 +54,9 @@ from cotir_jax.train.workdir import WorkdirError
 # mesh, paths) is allowed; so is a field that only one of the two configs has (a config schema
 # that gained a field since the checkpoint was written).
 CHECKPOINT_FIELDS = ("compat", "model.*")
-MAY_CHANGE = ("model.pretrained", "model.tokenizer", "model.tokenizer_2", "model.attention",
-              "model.scan_layers", "model.remat_policy", "model.lora.merge_for_inference",
-              "model.cot_adapter.qk_scale")
+MAY_CHANGE = ("model.pretrained", "model.tokenizer", "model.tokenizer_2", "model.attention*",
+              "model.scan_layers", "model.remat_policy", "model.mixed_precision",
+              "model.lora.merge_for_inference")
 
 # How a failed write looks when it comes out of Orbax: an OSError, or tensorstore's ValueError
 # carrying an absl status and the OS error (e.g. "RESOURCE_EXHAUSTED: Error writing local file").

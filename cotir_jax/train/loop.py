@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cotir_jax import flops, multihost
+from cotir_jax.cli import UserError
 from cotir_jax import sample as sampler
 from cotir_jax.data import pipeline
 from cotir_jax.train import preflight
@@ -33,7 +34,7 @@ from cotir_jax.train.metrics import MetricsWriter
 log = logging.getLogger("cotir_jax.train")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
   """The loss or gradient became NaN/inf; the last good checkpoint is left as it was."""
 
 
@@ -54,13 +55,13 @@ def train(cfg, workdir: str, *, take_over_lock: bool = False) -> dict:
   One run per workdir: process 0 holds `<workdir>/train.lock` while it runs (`take_over_lock`:
   take it from a run on another host that is gone; see `workdir.lock`).
   """
-  with wd.lock(workdir, jax.process_index() == 0, take_over=take_over_lock):
-    return _train(cfg, workdir)
-
-
-def _train(cfg, workdir: str) -> dict:
-  lead = jax.process_index() == 0
   start = preflight.run(cfg, workdir)  # every check that can fail on one host, agreed by all
+  with wd.lock(workdir, jax.process_index() == 0, take_over=take_over_lock):
+    return _train(cfg, workdir, start)
+
+
+def _train(cfg, workdir: str, start: preflight.Startup) -> dict:
+  lead = jax.process_index() == 0
   prog, data_state = start.prog, start.data_state
   ckpt = Checkpointer(workdir, max_to_keep=cfg.training.checkpoints_total_limit)
   state = ckpt.restore(prog.state, start.meta["step"])["state"] if start.meta else prog.init_state()
@@ -69,7 +70,8 @@ def _train(cfg, workdir: str) -> dict:
   total = int(cfg.training.iterations[-1])
   resumed = "starting at step 0"
   if start.meta:
-    saved_by, now = data_state["process_count"], jax.process_count()
+    now = jax.process_count()
+    saved_by = data_state["process_count"] if data_state else now
     resumed = (f"resuming at step {step}" if saved_by == now else
                f"resumed a {saved_by}-process run on {now} process{'es' if now > 1 else ''} "
                f"at step {step}")
@@ -81,6 +83,7 @@ def _train(cfg, workdir: str) -> dict:
     print(f"cotir_jax: {jax.process_count()} process(es), {jax.device_count()} "
           f"{jax.devices()[0].platform} device(s), mesh {dict(prog.mesh.shape)}"
           + (f" ({prog.mesh_note})" if prog.mesh_note else "")
+          + f"; attention {prog.attention_summary}"
           + f"; parameters {n_params:,} total / {n_train:,} trainable; state + frozen weights "
           f"{mem / 2**20:.1f} MiB per device; "
           + f"{resumed} of {total}; workdir {start.disk_free / 2**30:.1f} GiB free"

@@ -4,10 +4,11 @@ Whatever can differ between the hosts of a slice -- the workdir (mounted? writab
 two checkpoints?), the checkpoint on it and the config against it, the data layout, the
 tokenizer and base-model paths, whether the global batches split over this run's processes --
 is checked on every process before any of them enters a collective (an Orbax barrier, a jitted
-initialiser spanning hosts). A process collects its failures instead of raising at the first;
-then all processes agree (`multihost.agree`) and, if any failed, every one of them stops with
-the same message naming the failing processes, instead of the healthy ones waiting in a
-collective for a process that has exited until the heartbeat timeout.
+initialiser spanning hosts) or takes the workdir's lock. A process collects its failures instead
+of raising at the first (the quick checks first; the slow ones and the workdir's creation only
+when those passed); then all processes agree (`multihost.agree`) and, if any failed, every one
+of them stops with the same message naming the failing processes, instead of the healthy ones
+waiting in a collective for a process that has exited until the heartbeat timeout.
 
     start = preflight.run(cfg, workdir)   # raises StartupError on every process, or returns
     start.prog, start.tokenizers, start.source, start.bank, start.meta, start.data_state
@@ -66,17 +67,22 @@ def run(cfg, workdir: str) -> Startup:
       bugs.append(e)
     return None
 
-  meta = attempt(checkpoint.latest_meta, workdir)
+  meta = attempt(checkpoint.latest_meta, workdir)  # reading only, the quick checks first
   _same_checkpoint(workdir, meta, failures)
   changes = attempt(checkpoint.check_config, meta, cfg)
-  data_state = attempt(pipeline.load_state, meta["data_state"]) if meta else None
-  configure_compiler(cfg, workdir)
-  prog = attempt(Program.build, cfg)
-  tokenizers = attempt(build_tokenizers, cfg)
+  attempt(_check_resume, cfg, meta)
+  saved = meta and meta.get("data_state")
+  data_state = attempt(pipeline.load_state, saved) if saved else None
   source = attempt(pipeline.make_source, cfg)
   bank = attempt(pipeline.make_prompt_bank, cfg)
   attempt(_check_batch_split, cfg, meta, data_state)
-  free = attempt(wd.check, workdir, checkpoint.estimate_nbytes(prog.state)) if prog else None
+  prog = tokenizers = free = None
+  if not failures:  # what takes seconds, and what creates the workdir: for a run that can start
+    configure_compiler(cfg, workdir)
+    tokenizers = attempt(build_tokenizers, cfg)
+    prog = attempt(Program.build, cfg)
+    if prog is not None:
+      free = attempt(wd.check, workdir, checkpoint.estimate_nbytes(prog.state))
   verdict = multihost.agree("; ".join(dict.fromkeys(failures)) or None)  # each failure once
   if bugs:
     raise bugs[0]
@@ -95,6 +101,13 @@ def _same_checkpoint(workdir, meta, failures) -> None:
                      for p, s in enumerate(steps))
     failures.append(f"the processes see different checkpoints in {workdir} ({seen}); the "
                     "workdir must be one directory that every host shares")
+
+
+def _check_resume(cfg, meta) -> None:
+  if cfg.resume == "never" and meta is not None:
+    raise wd.WorkdirError(f"resume='never', but {meta['directory']} holds the checkpoint of step "
+                          f"{meta['step']}; train in a new --workdir, or resume='latest' to "
+                          "continue from it")
 
 
 def _check_batch_split(cfg, meta, data_state) -> None:

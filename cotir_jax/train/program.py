@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from cotir_jax import quality, sharding
 from cotir_jax import sample as sampler
+from cotir_jax.models import attention
 from cotir_jax.train import modules
 from cotir_jax.train import objective as obj
 from cotir_jax.train import optim
@@ -63,6 +64,7 @@ class Program:
   state: dict            # ShapeDtypeStructs carrying shardings
   frozen: dict
   mesh_note: str | None  # why the mesh differs from the config's, for the start-up line
+  kernels: dict          # attention kernel per part (attention.kernels_by_part), said at start-up
   compiles: dict = dataclasses.field(default_factory=dict)  # stage → traces of its step
 
   @classmethod
@@ -77,7 +79,8 @@ class Program:
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)), devices)
     rules = sharding.rules_from_config(cfg.mesh)
 
-    graphs, abstract = modules.abstract_states(cfg)
+    platform = attention.platform_of(devices[0])  # a TPU topology's when planning on a CPU
+    graphs, abstract = modules.abstract_states(cfg, platform)
     shardings = sharding.tree_shardings(abstract, mesh, rules)
     abstract = sharding.abstract_with_shardings(abstract, shardings)
     tx = optim.make_optimizer(cfg)
@@ -85,7 +88,13 @@ class Program:
     state = sharding.abstract_with_shardings(state, sharding.tree_shardings(state, mesh, rules))
     frozen = {k: v for k, v in abstract.items() if k != "params"}
     return cls(cfg=cfg, mesh=mesh, rules=rules, graphs=graphs, tx=tx, state=state,
-               frozen=frozen, mesh_note=note)
+               frozen=frozen, mesh_note=note,
+               kernels=attention.kernels_by_part(cfg, platform))
+
+  @property
+  def attention_summary(self) -> str:
+    """The attention kernels for the start-up line: one name, or one per part when they differ."""
+    return attention.describe(self.kernels)
 
   # ------------------------------------------------------------------ shardings and shapes
   @property

@@ -184,7 +184,8 @@ def make_train_step(cfg, graphs: Graphs, tx: optax.GradientTransformation, prepa
                **{f"txt_{n}_loss": aux[f"txt_{n}_loss"] for n in "sdp"},
                **{f"c_{n}": aux["c"][n] for n in "sdp"},
                **{f"lambda_{n}": new["lambdas"][n] for n in "sdp"},
-               "lr": lr_logged(step), "use_gen_prob": p_gen, "grad_norm": opt_state.grad_norm}
+               "lr": lr_logged(step), "use_gen_prob": p_gen,
+               "grad_norm": optim.grad_norm(opt_state)}
     state = {**state, **new, "opt_state": opt_state, "step": step + 1}
     return state, metrics
 

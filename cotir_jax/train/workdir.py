@@ -48,6 +48,8 @@ import time
 
 from cotir_jax import multihost
 
+from cotir_jax.cli import UserError
+
 LOCK_NAME = "train.lock"
 # An unreadable lock file this old was left by a process killed between creating and writing it.
 _UNREADABLE_STALE_S = 10.0
@@ -55,7 +57,7 @@ _UNREADABLE_STALE_S = 10.0
 log = logging.getLogger("cotir_jax.train")
 
 
-class WorkdirError(RuntimeError):
+class WorkdirError(UserError, RuntimeError):
   """The workdir cannot be used as asked; the message is one line meant for the user."""
 
 
@@ -262,13 +264,15 @@ def _size(n: float) -> str:
 
 
 def check(workdir: str | os.PathLike, checkpoint_nbytes: int) -> int:
-  """Fails with one line unless `workdir` takes a file and has ≥ 2 × `checkpoint_nbytes` free.
+  """Creates `workdir` if needed; fails with one line unless it takes a file and has
+  ≥ 2 × `checkpoint_nbytes` free.
 
   `checkpoint_nbytes`: the size of one checkpoint (global bytes of the trainable state and the
   optimizer state, `checkpoint.estimate_nbytes(state)`). Returns the free bytes.
   """
   workdir = os.fspath(workdir)
   try:
+    os.makedirs(workdir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-check-") as f:
       f.write(b"cotir_jax")
       f.flush()
