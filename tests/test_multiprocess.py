@@ -152,10 +152,13 @@ def test_preempted_run_continues_on_another_process_count(tmp_path, spawned):
 
 def test_a_start_up_check_failing_on_one_process_stops_both(tmp_path, spawned):
   """Only process 1 lacks the data: both processes exit at once with the same one line naming
-  it, instead of process 0 waiting in a collective until the heartbeat timeout (300 s)."""
+  it, instead of process 0 waiting in a collective until the heartbeat timeout (here 120 s).
+  The bound covers both processes' start-up and process 0's checks on a loaded machine."""
   missing = tmp_path / "no_data"
   t0 = time.time()
-  procs = _train(tmp_path / "run", "c", per_process=((), (f"--config.data.data_dir={missing}",)))
+  procs = _train(tmp_path / "run", "c", per_process=(
+      ("--distributed_timeout=120",),
+      ("--distributed_timeout=120", f"--config.data.data_dir={missing}")))
   spawned += procs
   codes = [p.wait(timeout=300) for p in procs]
   took = time.time() - t0
@@ -165,4 +168,4 @@ def test_a_start_up_check_failing_on_one_process_stops_both(tmp_path, spawned):
   assert codes == [2, 2], said
   assert said[0] == said[1] and len(said[0]) == 1
   assert said[0][0].startswith("cotir_jax: error: process 1 of 2: ") and str(missing) in said[0][0]
-  assert took < 30
+  assert took < 60
