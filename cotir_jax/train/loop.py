@@ -135,6 +135,12 @@ def _train(cfg, workdir: str) -> dict:
           + (f"; config changed since the checkpoint: {'; '.join(map(str, config_changes))}"
              if config_changes else ""), flush=True)
 
+  source = pipeline.make_source(cfg)  # scanned once; every stage's iterator reads it
+  bank = pipeline.make_prompt_bank(cfg, source)
+  if lead:
+    for note in pipeline.data_notes(cfg, source, bank):
+      print(f"cotir_jax: data: {note}", flush=True)
+
   peak = flops.device_peak_flops(jax.devices()[0], cfg.training.peak_tflops)
   if peak is None:  # a device without a published peak (CPU): its own best matmul rate
     peak = flops.measured_peak_flops()
@@ -153,9 +159,9 @@ def _train(cfg, workdir: str) -> dict:
       while step < total:
         stage = pipeline.stage_of_step(cfg, step)
         stage_end = min(int(cfg.training.iterations[stage]), total)
-        it = pipeline.make_iterator(cfg, stage, tokenizers=tokenizers, state=None if data_states
-                                    is None else pipeline.resume_state(data_states,
-                                                                       jax.process_index()))
+        it = pipeline.make_iterator(cfg, stage, tokenizers=tokenizers, source=source, bank=bank,
+                                    state=None if data_states is None else
+                                    pipeline.resume_state(data_states, jax.process_index()))
         t0 = time.perf_counter()
         jstep = prog.lower(stage).compile()
         validate = prog.validate(stage) if cfg.training.val_steps > 0 else None

@@ -12,7 +12,9 @@ How c reaches the dual part: the primal loss holds λ constant (stop_gradient), 
 `grads = join_grads(param_grads, c)`, whose `lambdas` leaf k is −c_k (the gradient of
 the dual loss −Σ λ_k c_k; minimising it with Adam is ascent on λ). Inside one `jax.jit` over
 the global batch c is already the global average, so every data-parallel replica computes the
-same λ (upstream's per-rank λ drift, spec §11.5, does not happen).
+same λ (upstream's per-rank λ drift, spec §11.5, does not happen). A term that no sample of
+the batch has an answer for (`join_grads(..., valid)`) gets no dual step: its λ and moments are
+kept, and the bias corrections keep counting optimizer updates.
 
 Typical use in the train step::
 
@@ -141,9 +143,15 @@ def dual_grads(c: dict) -> dict:
   return {k: -jnp.asarray(c[k], jnp.float32) for k in LAMBDA_KEYS}
 
 
-def join_grads(param_grads, c: dict) -> dict:
-  """The gradient pytree the chain expects: primal grads plus the dual gradient from c."""
-  return {"params": param_grads, "lambdas": dual_grads(c)}
+def join_grads(param_grads, c: dict, valid: dict | None = None) -> dict:
+  """The gradient pytree the chain expects: primal grads plus the dual gradient from c.
+
+  `valid` {k: bool scalar} (default all True): False for a term that no sample of the global
+  batch has an answer for; its dual step is skipped (λ_k and its Adam moments stay as they are),
+  so λ_k moves only on evidence from samples that carry that answer.
+  """
+  valid = {k: jnp.asarray(True if valid is None else valid[k], bool) for k in LAMBDA_KEYS}
+  return {"params": param_grads, "lambdas": dual_grads(c), "lambda_valid": valid}
 
 
 def global_norm(tree) -> jax.Array:
@@ -245,14 +253,18 @@ def primal_dual(learning_rate, *, b1: float = 0.9, b2: float = 0.999, eps: float
     lbc1 = _one_minus_pow(lambda_b1, t)
     lbc2_sqrt = jnp.sqrt(_one_minus_pow(lambda_b2, t))
     u_l, lmu, lnu = {}, {}, {}
+    valid = grads.get("lambda_valid", {})
     for key, g in grads["lambdas"].items():
       g = jnp.asarray(g, jnp.float32)
       lam = jnp.asarray(params["lambdas"][key], jnp.float32)
-      lmu[key] = state.lambda_mu[key] + (1.0 - lambda_b1) * (g - state.lambda_mu[key])
-      lnu[key] = lambda_b2 * state.lambda_nu[key] + (1.0 - lambda_b2) * g * g
-      denom = jnp.sqrt(lnu[key]) / lbc2_sqrt + lambda_eps
-      new = jnp.maximum(lam - (lambda_lr / lbc1) * lmu[key] / denom, 0.0)
-      u_l[key] = new - lam   # λ + u_l ≥ 0 exactly (and == 0 when projected)
+      m_k = state.lambda_mu[key] + (1.0 - lambda_b1) * (g - state.lambda_mu[key])
+      v_k = lambda_b2 * state.lambda_nu[key] + (1.0 - lambda_b2) * g * g
+      denom = jnp.sqrt(v_k) / lbc2_sqrt + lambda_eps
+      new = jnp.maximum(lam - (lambda_lr / lbc1) * m_k / denom, 0.0)
+      ok = valid.get(key, True)  # no answer for this term in the batch: no dual step at all
+      lmu[key] = jnp.where(ok, m_k, state.lambda_mu[key])
+      lnu[key] = jnp.where(ok, v_k, state.lambda_nu[key])
+      u_l[key] = jnp.where(ok, new - lam, 0.0)  # λ + u_l ≥ 0 exactly (and == 0 when projected)
 
     new_state = PrimalDualState(count=k + 1, mu=mu, nu=nu, lambda_mu=lmu, lambda_nu=lnu,
                                 grad_norm=gnorm)
