@@ -171,19 +171,20 @@ def text_loss(pred: jax.Array, target: jax.Array, weight: jax.Array | None = Non
   """MSE of per-token L2-normalised features over all B×L×D elements (padding included).
 
   With `weight` [B] (1: the sample has this answer, 0: it has none) the other samples are left
-  out: the masked sum is divided by norm·L·D, where `norm` is how many samples the mean is over
-  (default Σ weight; one micro-batch of a larger batch passes that batch's count divided by the
-  number of micro-batches, so the micro-batch losses average to the batch's). No sample with an
-  answer gives 0. All weights 1 and norm = B compute exactly the plain mean.
+  out: their prediction is replaced by the target (no error, no gradient) and the mean is
+  rescaled by B / norm, where `norm` is how many samples the mean is over (default Σ weight; one
+  micro-batch of a larger batch passes that batch's count divided by the number of
+  micro-batches, so the micro-batch losses average to the batch's). No sample with an answer
+  gives 0. With every weight 1 and norm = B the same values reach the same mean, then × 1: the
+  training step computes today's numbers bit for bit (a weighted sum instead could be rewritten
+  by XLA into a dot product that adds in another order).
   """
-  sq = jnp.square(l2_normalize(pred) - l2_normalize(target))
+  p, t = l2_normalize(pred), l2_normalize(target)
   if weight is None:
-    return jnp.mean(sq)
-  w = weight.astype(jnp.float32)
-  norm = jnp.sum(w) if norm is None else jnp.asarray(norm, jnp.float32)
-  per_sample = sq.size // sq.shape[0]
-  return (jnp.sum(sq * w.reshape(-1, *([1] * (sq.ndim - 1))))
-          / (jnp.where(norm > 0, norm, 1.0) * per_sample))
+    return jnp.mean(jnp.square(p - t))
+  has = weight.reshape(-1, *([1] * (p.ndim - 1))) > 0
+  norm = jnp.sum(weight.astype(jnp.float32)) if norm is None else jnp.asarray(norm, jnp.float32)
+  return jnp.mean(jnp.square(jnp.where(has, p, t) - t)) * (p.shape[0] / jnp.where(norm > 0, norm, 1.0))
 
 
 def losses(velocity, text_preds: dict, x_0, x_1, text_targets: dict, lambdas: dict,
