@@ -261,8 +261,8 @@ def paired_templates() -> ml_collections.ConfigDict:
   t.aliases = {"low": "low_light", "dark": "low_light", "fog": "haze", "jpeg": "jpeg_compression"}
   entries = {  # name in prompts; specific prompt lines; degradation description; plan step
       "low_light": ("low light", ("Brighten this dark image.", "Enhance this low-light photo."),
-                    "The image is dark and underexposed, with crushed shadows and little visible detail.",
-                    "brighten the exposure while keeping shadows clean"),
+                    "The image is dark and underexposed, with crushed shadows and little visible "
+                    "detail.", "brighten the exposure while keeping shadows clean"),
       "haze": ("haze", ("Remove the haze from this image.", "Dehaze this photo.",
                         "Clear the fog from the picture."),
                "A hazy veil lowers the contrast and washes out the colours.",
@@ -270,25 +270,29 @@ def paired_templates() -> ml_collections.ConfigDict:
       "rain": ("rain", ("Remove the rain streaks.", "Derain this photo."),
                "Bright rain streaks cover the scene and hide details behind them.",
                "remove the rain streaks and fill in the occluded content"),
-      "snow": ("snow", ("Remove the snow from this image.", "Clear the falling snowflakes from this photo."),
+      "snow": ("snow", ("Remove the snow from this image.",
+                        "Clear the falling snowflakes from this photo."),
                "Falling snowflakes and snow streaks cover the scene and hide details behind them.",
                "remove the snowflakes and fill in the occluded content"),
       "noise": ("noise", ("Denoise this image.", "Remove the grain from this photo.",
                           "Reduce the noise in the picture."),
                 "Grainy random noise covers the whole image, most visible in flat regions.",
                 "denoise while preserving fine detail"),
-      "blur": ("blur", ("Remove the blur from this image.", "Sharpen this blurry photo.", "Deblur the picture."),
+      "blur": ("blur", ("Remove the blur from this image.", "Sharpen this blurry photo.",
+                        "Deblur the picture."),
                "The image is blurry: edges and fine textures are smeared and lack sharp detail.",
                "deblur to restore sharp edges and textures"),
       "jpeg_compression": ("JPEG compression", ("Remove the JPEG artefacts.",
                                                 "Fix the compression blocks in this image."),
                            "Blocky 8x8 artefacts and ringing around edges show strong JPEG compression.",
                            "remove the compression blocks and ringing"),
-      "lost_color": ("missing colour", ("Colourise this image.", "Restore the missing colours of this photo."),
+      "lost_color": ("missing colour", ("Colourise this image.",
+                                        "Restore the missing colours of this photo."),
                      "The colours are missing; the photo looks almost grayscale.",
                      "restore natural, plausible colours"),
   }
-  t.degradations = {k: dict(name=n, prompts=p, description=d, plan=s) for k, (n, p, d, s) in entries.items()}
+  t.degradations = {k: dict(name=n, prompts=p, description=d, plan=s)
+                    for k, (n, p, d, s) in entries.items()}
   return t
 
 
@@ -411,7 +415,8 @@ def _validate_templates(t: ml_collections.ConfigDict) -> None:
   def texts(field, value, allow_empty=False):
     if not isinstance(value, (tuple, list)) or not all(isinstance(x, str) and x.strip() for x in value) \
         or not (value or allow_empty):
-      raise ConfigError(f"data.templates.{field}={value!r} must be a non-empty tuple of non-empty strings")
+      raise ConfigError(f"data.templates.{field}={value!r} must be a non-empty tuple of "
+                        "non-empty strings")
 
   texts("generic_prompts", t.generic_prompts)
   if not isinstance(t.composite_prompt, str) or "{names}" not in t.composite_prompt:

@@ -507,7 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="training workdir / checkpoint step / cotir_to_orbax output, or upstream "
                       "lora.pt + cot_adapter.pt (two files or their directory)")
   p.add_argument("--input", required=True,
-                 help="an image, a directory of images, a test JSONL or a CoTIR-Bench directory")
+                 help="an image, a directory of images, a test JSONL, a CoTIR-Bench directory or "
+                      "a paired layout (CDD-11 split, hq/ + lq/, manifest of lq / hq pairs)")
   p.add_argument("--out", required=True, help="output directory")
   p.add_argument("--prompt", default=None,
                  help=f"text or a .txt file (default inference.prompt: {cfg.inference.prompt!r})")

@@ -17,13 +17,13 @@ from cotir_jax import restore
 from data_helpers import paired_fixture
 from test_train import REPO, SHORT, _env, _flat, _metrics, _params, _run
 
-STEPS = ["--num_steps", "1", "--batch_size", "2"]
+STEPS = ["--num_steps", "2", "--batch_size", "2"]  # with 100x75 images: test_restore's program
 
 
 @pytest.fixture(scope="module")
 def cdd11(tmp_path_factory):
   """A CDD-11 split trained with data.cot_answers=none (plain flow-matching fine-tuning)."""
-  root = paired_fixture(tmp_path_factory.mktemp("cdd11") / "train")
+  root = paired_fixture(tmp_path_factory.mktemp("cdd11") / "train", size=100, height=75)
   workdir = tmp_path_factory.mktemp("run") / "cdd11"
   proc = _run(workdir, *SHORT, "--config.data.source=paired", f"--config.data.data_dir={root}",
               "--config.data.cot_answers=none")
@@ -61,7 +61,7 @@ def test_restores_every_type_folder_with_its_references(cdd11, tmp_path):
   for name in ("000.png", "002.png"):
     np.testing.assert_array_equal(np.asarray(Image.open(out / "reference" / name)),
                                   np.asarray(Image.open(root / "clear" / name)))
-    assert Image.open(out / "restored" / "low_haze_rain" / name).size == (40, 40)
+    assert Image.open(out / "restored" / "low_haze_rain" / name).size == (100, 75)
 
 
 def test_restore_jobs_of_an_hq_lq_folder_and_a_manifest(tmp_path):
@@ -80,14 +80,14 @@ def test_restore_jobs_of_an_hq_lq_folder_and_a_manifest(tmp_path):
 
 @pytest.fixture(scope="module")
 def manifest_set(tmp_path_factory):
-  """hq/ + lq/<type>/ and a manifest naming a scene for two pairs and the rest from templates."""
-  root = paired_fixture(tmp_path_factory.mktemp("pairs") / "set", "hq_lq",
-                        types={"rain": ["rain"], "haze": ["haze"]}, n=4)
+  """hq/ + lq/<type>/ and a manifest naming a scene for one pair, the rest from the templates."""
+  types = {"rain": ["rain"], "haze": ["haze"], "noise": ["noise"]}
+  root = paired_fixture(tmp_path_factory.mktemp("pairs") / "set", "hq_lq", types=types, n=4)
   lines = []
-  for t in ("rain", "haze"):
+  for t in types:
     for i in range(4):
       entry = {"lq": f"lq/{t}/{i:03d}.png", "hq": f"hq/{i:03d}.png", "type": t}
-      if (t, i) in (("rain", 0), ("haze", 3)):
+      if (t, i) == ("rain", 0):
         entry["scene"] = "A photograph."
       lines.append(entry)
   path = root / "pairs.jsonl"
@@ -99,7 +99,7 @@ def test_manifest_with_answers_trains_and_resumes_exactly(manifest_set, tmp_path
   workdir = tmp_path / "manifest"
   args = [*SHORT, "--config.data.source=paired", f"--config.data.data_dir={manifest_set}"]
   proc = _run(workdir, *args)
-  assert "cotir_jax: data: scene term: 2 of 8 pairs have scene descriptions; the others are masked in it" \
+  assert "cotir_jax: data: scene term: 1 of 12 pairs have scene descriptions; the others are masked in it" \
       in proc.stdout
   rows = _metrics(workdir)
   assert all(r["answers_d"] == r["answers_p"] == 8 for r in rows)  # every pair has templates

@@ -37,8 +37,7 @@ from cotir_jax.data.sources import DataLayoutError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 CLEAN_DIR = "clear"                                   # CDD-11's folder of clean images
 ANSWER_FIELDS = ("scene", "degradation", "plan")      # manifest fields of the s, d, p answers
-TEXT_FIELDS = ("prompt",) + ANSWER_FIELDS
-COT_ANSWERS = ("templates", "manifest", "none")
+MANIFEST_TEXTS = ("prompt",) + ANSWER_FIELDS
 LAYOUT_NAMES = {"cdd11": "CDD-11 layout", "hq_lq": "hq/ + lq/ layout", "manifest": "JSONL manifest"}
 
 
@@ -149,7 +148,7 @@ def _manifest_pairs(path: Path) -> list[Pair]:
       problems.append(f"line {n}: not a JSON object")
       continue
     bad = [k for k in ("lq", "hq") if not isinstance(entry.get(k), str) or not entry[k].strip()]
-    bad += [k for k in ("type",) + TEXT_FIELDS if k in entry and not isinstance(entry[k], str)]
+    bad += [k for k in ("type",) + MANIFEST_TEXTS if k in entry and not isinstance(entry[k], str)]
     if bad:
       problems.append(f"line {n}: {', '.join(bad)} missing or not a string")
       continue
@@ -158,14 +157,15 @@ def _manifest_pairs(path: Path) -> list[Pair]:
       problems.append(f"line {n}: type {deg_type!r} is not a folder name")
       continue
     pairs.append(Pair(lq=base / entry["lq"], hq=base / entry["hq"], type=deg_type, shard=path.name,
-                      key=entry["lq"], texts={k: entry[k].strip() for k in TEXT_FIELDS
+                      key=entry["lq"], texts={k: entry[k].strip() for k in MANIFEST_TEXTS
                                               if entry.get(k, "").strip()}))
   if problems:
-    listing = "; ".join(problems[:10]) + (f"; ... ({len(problems)} in all)" if len(problems) > 10 else "")
+    listing = "; ".join(problems[:10]) + (f"; ... ({len(problems)} in all)" if len(problems) > 10
+                                           else "")
     raise DataLayoutError(
         f"manifest {path} has {len(problems)} bad lines: {listing}. Each line is a JSON object with "
         f"\"lq\" and \"hq\" (image paths relative to the manifest) and optionally \"type\", "
-        f"{', '.join(repr(k) for k in TEXT_FIELDS)} (strings)")
+        f"{', '.join(repr(k) for k in MANIFEST_TEXTS)} (strings)")
   if not pairs:
     raise DataLayoutError(f"manifest {path} lists no pairs")
   return pairs
@@ -184,7 +184,8 @@ def _what_is_there(p: Path) -> str:
     hint = " It looks like a CoTIR-Bench layout: use data.source='tar'."
   elif any((p / d / CLEAN_DIR).is_dir() for d in dirs):
     splits = [d for d in dirs if (p / d / CLEAN_DIR).is_dir()]
-    hint = f" Its {', '.join(d + '/' for d in splits)} hold clear/: point at one split, e.g. {p / splits[0]}."
+    hint = (f" Its {', '.join(d + '/' for d in splits)} hold clear/: point at one split, e.g. "
+            f"{p / splits[0]}.")
   return (f"folders {', '.join(d + '/' for d in dirs[:12]) or 'none'}"
           f"{' ...' if len(dirs) > 12 else ''}, {files} image files.{hint}")
 
@@ -244,8 +245,8 @@ class PairSource:
       start, count = self.type_ranges.get(pair.type, (i, 0))
       self.type_ranges[pair.type] = (start, count + 1)
     self.types = list(self.type_ranges)
-    self.answer_counts = {t: [sum(1 for q in self.pairs[s:s + c] if q.texts.get(f)) for f in ANSWER_FIELDS]
-                          for t, (s, c) in self.type_ranges.items()}
+    self.answer_counts = {t: [sum(1 for q in self.pairs[s:s + c] if q.texts.get(f))
+                              for f in ANSWER_FIELDS] for t, (s, c) in self.type_ranges.items()}
     self.num_shards = len({q.shard for q in self.pairs})
     self.bad_shard_paths: dict[str, str] = {}  # a folder or manifest that cannot be read stops start-up
 
@@ -351,12 +352,15 @@ def process_pair(rec: RawRecord, *, patch_size: int, bank: PairTexts, rng, label
   try:
     info = json.loads(rec.meta.decode("utf-8"))["pair"]
   except Exception as e:  # noqa: BLE001 - a record that is not a pair's is a corrupt record
-    raise SkipSample("invalid_json", f"not a paired record's description: {type(e).__name__}: {e}") from None
-  missing = [what for what, data in (("clean image", rec.hq), ("degraded image", rec.lq)) if data is None]
+    raise SkipSample("invalid_json",
+                     f"not a paired record's description: {type(e).__name__}: {e}") from None
+  missing = [what for what, data in (("clean image", rec.hq), ("degraded image", rec.lq))
+             if data is None]
   if missing:
     where = f" (expected {info['hq']})" if info.get("hq") and rec.hq is None else ""
     raise SkipSample("missing_member", f"no {' or '.join(missing)}{where}")
-  hq, lq = decode_pair(rec, f"clean image {info.get('hq') or '?'}", f"degraded image {rec.key}", max_pixels)
+  hq, lq = decode_pair(rec, f"clean image {info.get('hq') or '?'}", f"degraded image {rec.key}",
+                       max_pixels)
   label = P.normalize_deg(rec.deg_type or None)
   gen, spe = P.pick_prompts(bank.prompts, [], label, rec.deg_type, None, rng)
   answers, has = bank.cot(rec.deg_type, info)
@@ -377,8 +381,8 @@ def describe(source, texts: PairTexts, cot_answers: str) -> list[str]:
     for k in range(3):
       templated = k > 0 and texts.use_templates and t in texts.answers
       counts[k] += 0 if cot_answers == "none" else (c if templated else given[k])
-  for k, term, what in ((0, "scene", "scene descriptions"), (1, "degradation", "degradation descriptions"),
-                        (2, "plan", "enhancement plans")):
+  for k, term, what in ((0, "scene", "scene descriptions"),
+                        (1, "degradation", "degradation descriptions"), (2, "plan", "enhancement plans")):
     if counts[k] == 0:
       lines.append(f"{term} term masked: no {what} (data.cot_answers={cot_answers})")
     elif counts[k] < n:

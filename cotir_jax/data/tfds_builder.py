@@ -100,8 +100,8 @@ def build(source_dir: str | os.PathLike, data_dir: str | os.PathLike,
           tar_index_cache: str | None = None, paired: bool = False) -> CotirBench:
   """download_and_prepare `cotir_bench` from the tar layout (or with `paired`, a paired layout)
   at source_dir into data_dir."""
-  b = CotirBench(data_dir=os.fspath(data_dir), file_format="array_record", tar_index_cache=tar_index_cache,
-                 paired=paired)
+  b = CotirBench(data_dir=os.fspath(data_dir), file_format="array_record",
+                 tar_index_cache=tar_index_cache, paired=paired)
   b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(source_dir)))
   return b
 

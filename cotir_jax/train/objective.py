@@ -175,9 +175,9 @@ def text_loss(pred: jax.Array, target: jax.Array, weight: jax.Array | None = Non
   rescaled by B / norm, where `norm` is how many samples the mean is over (default Σ weight; one
   micro-batch of a larger batch passes that batch's count divided by the number of
   micro-batches, so the micro-batch losses average to the batch's). No sample with an answer
-  gives 0. With every weight 1 and norm = B the same values reach the same mean, then × 1: the
-  training step computes today's numbers bit for bit (a weighted sum instead could be rewritten
-  by XLA into a dot product that adds in another order).
+  gives 0. With every weight 1 and norm = B the same values reach the same mean, then × 1, so
+  the numbers stay those of the unmasked loss (bit for bit over a tiny CPU training run; a
+  weighted sum instead can be rewritten by XLA into a dot product that adds in another order).
   """
   p, t = l2_normalize(pred), l2_normalize(target)
   if weight is None:
