@@ -105,6 +105,8 @@ def _train(cfg, workdir: str) -> dict:
   lead = jax.process_index() == 0
   ckpt = Checkpointer(workdir, max_to_keep=cfg.training.checkpoints_total_limit)
   config_changes = ckpt.check_config(cfg)  # another model's checkpoint fails here, before any build
+  source = pipeline.make_source(cfg)  # scanned once, before the model is built; every stage reads it
+  bank = pipeline.make_prompt_bank(cfg, source)
   configure_compiler(cfg)
   prog = Program.build(cfg)
   tokenizers = build_tokenizers(cfg)
@@ -135,8 +137,6 @@ def _train(cfg, workdir: str) -> dict:
           + (f"; config changed since the checkpoint: {'; '.join(map(str, config_changes))}"
              if config_changes else ""), flush=True)
 
-  source = pipeline.make_source(cfg)  # scanned once; every stage's iterator reads it
-  bank = pipeline.make_prompt_bank(cfg, source)
   if lead:
     for note in pipeline.data_notes(cfg, source, bank):
       print(f"cotir_jax: data: {note}", flush=True)
