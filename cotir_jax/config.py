@@ -172,7 +172,8 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   c.data.max_skip_fraction = 0.01  # stop the run when more samples (or shards) than this are corrupt
   c.data.skip_check_min_samples = 500  # samples seen before the skip fraction is checked
   c.data.mixing = "balanced"       # round-robin over degradation types, or "shuffle"
-  c.data.source = "tar"            # read the webdataset tars in place, or "array_record"
+  c.data.source = "tar"            # the webdataset tars in place, "array_record", or "paired"
+                                   # (folders of degraded / clean images or a manifest: data/paired.py)
   c.data.tfds_data_dir = config_dict.placeholder(str)  # where `cotir_bench` was built
   c.data.index_cache_dir = "default"  # tar member-offset index cache ($XDG_CACHE_HOME/cotir_jax)
   c.data.read_threads = 2
