@@ -18,6 +18,7 @@ from data_helpers import paired_fixture
 from test_train import REPO, SHORT, _env, _flat, _metrics, _params, _run
 
 STEPS = ["--num_steps", "2", "--batch_size", "2"]  # with 100x75 images: test_restore's program
+NO_VALIDATION = ["--config.training.val_steps=0"]  # SHORT's step program all the same
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,8 @@ def cdd11(tmp_path_factory):
   """A CDD-11 split trained with data.cot_answers=none (plain flow-matching fine-tuning)."""
   root = paired_fixture(tmp_path_factory.mktemp("cdd11") / "train", size=100, height=75)
   workdir = tmp_path_factory.mktemp("run") / "cdd11"
-  proc = _run(workdir, *SHORT, "--config.data.source=paired", f"--config.data.data_dir={root}",
-              "--config.data.cot_answers=none")
+  proc = _run(workdir, *SHORT, *NO_VALIDATION, "--config.data.source=paired",
+              f"--config.data.data_dir={root}", "--config.data.cot_answers=none")
   return root, workdir, proc
 
 
@@ -97,7 +98,7 @@ def manifest_set(tmp_path_factory):
 
 def test_manifest_with_answers_trains_and_resumes_exactly(manifest_set, tmp_path):
   workdir = tmp_path / "manifest"
-  args = [*SHORT, "--config.data.source=paired", f"--config.data.data_dir={manifest_set}"]
+  args = [*SHORT, *NO_VALIDATION, "--config.data.source=paired", f"--config.data.data_dir={manifest_set}"]
   proc = _run(workdir, *args)
   assert "cotir_jax: data: scene term: 1 of 12 pairs have scene descriptions; the others are masked in it" \
       in proc.stdout
