@@ -97,7 +97,7 @@ def train(cfg, workdir: str, *, take_over_lock: bool = False) -> dict:
   One run per workdir: process 0 holds `<workdir>/train.lock` while it runs (`take_over_lock`:
   take it from a run on another host that is gone; see `workdir.lock`).
   """
-  pipeline.make_prompt_bank(cfg)  # a wrong data.data_dir fails here, before anything is built
+  pipeline.source_dir(cfg)  # a wrong data directory fails before the workdir is touched
   with wd.lock(workdir, jax.process_index() == 0, take_over=take_over_lock):
     return _train(cfg, workdir)
 
@@ -111,6 +111,8 @@ def _train(cfg, workdir: str) -> dict:
                           f"{ckpt.latest_step()}; train in a new --workdir, or resume='latest' "
                           "to continue from it")
   config_changes = ckpt.check_config(cfg)  # another model's checkpoint fails here, before any build
+  source = pipeline.make_source(cfg)  # scanned once, before the model is built; every stage reads it
+  bank = pipeline.make_prompt_bank(cfg, source)
   configure_compiler(cfg)
   prog = Program.build(cfg)
   tokenizers = build_tokenizers(cfg)
@@ -142,6 +144,10 @@ def _train(cfg, workdir: str) -> dict:
           + (f"; config changed since the checkpoint: {'; '.join(map(str, config_changes))}"
              if config_changes else ""), flush=True)
 
+  if lead:
+    for note in pipeline.data_notes(cfg, source, bank):
+      print(f"cotir_jax: data: {note}", flush=True)
+
   peak = flops.device_peak_flops(jax.devices()[0], cfg.training.peak_tflops)
   if peak is None:  # a device without a published peak (CPU): its own best matmul rate
     peak = flops.measured_peak_flops()
@@ -160,9 +166,9 @@ def _train(cfg, workdir: str) -> dict:
       while step < total:
         stage = pipeline.stage_of_step(cfg, step)
         stage_end = min(int(cfg.training.iterations[stage]), total)
-        it = pipeline.make_iterator(cfg, stage, tokenizers=tokenizers, state=None if data_states
-                                    is None else pipeline.resume_state(data_states,
-                                                                       jax.process_index()))
+        it = pipeline.make_iterator(cfg, stage, tokenizers=tokenizers, source=source, bank=bank,
+                                    state=None if data_states is None else
+                                    pipeline.resume_state(data_states, jax.process_index()))
         t0 = time.perf_counter()
         jstep = prog.lower(stage).compile()
         validate = prog.validate(stage) if cfg.training.val_steps > 0 else None
