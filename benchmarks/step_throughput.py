@@ -138,13 +138,15 @@ class PeakMemory:
 # --------------------------------------------------------------------------- inputs
 
 def make_inputs(cfg, batch: int, patch: int, seed: int = 0) -> dict:
-  """Pre-computed step inputs as numpy: latent tokens, text features (and CLIP vectors)."""
+  """Pre-computed step inputs as numpy: latent tokens, text features (and CLIP vectors), and
+  every sample marked as having its three CoT answers."""
   import numpy as np
   m = cfg.model
   rng = np.random.default_rng(seed)
   n_img, n_txt = (patch // 16) ** 2, int(cfg.data.max_length)
   normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
-  out = {"x_1": normal(batch, n_img, m.in_channels), "x_c": normal(batch, n_img, m.in_channels)}
+  out = {"x_1": normal(batch, n_img, m.in_channels), "x_c": normal(batch, n_img, m.in_channels),
+         "answer_mask": np.ones((batch, 3), np.int32)}
   for name in ("txt_gen", "txt_spe", "ans_s", "ans_d", "ans_p"):
     out[name] = normal(batch, n_txt, m.context_in_dim)
   if m.family == "flux1":

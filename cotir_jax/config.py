@@ -32,7 +32,8 @@ REMAT_POLICIES = ("none", "full", "dots", "save_attention", "save_qkv_attention"
 REMAT_PARTS = ("double_blocks", "single_blocks", "cot_adapter")
 DTYPES = ("float32", "bfloat16")
 MIXING = ("balanced", "shuffle")
-DATA_SOURCES = ("tar", "array_record")
+DATA_SOURCES = ("tar", "array_record", "paired")
+COT_ANSWERS = ("templates", "manifest", "none")  # data/paired.py
 MISSING_PROMPT = ("skip", "fallback")
 PROMPT_ERRORS = ("stop", "skip")
 
@@ -209,13 +210,20 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   c.data.max_skip_fraction = 0.01  # stop the run when more samples (or shards) than this are corrupt
   c.data.skip_check_min_samples = 500  # samples seen before the skip fraction is checked
   c.data.mixing = "balanced"       # round-robin over degradation types, or "shuffle"
-  c.data.source = "tar"            # read the webdataset tars in place, or "array_record"
+  c.data.source = "tar"            # the webdataset tars in place, "array_record", or "paired"
+                                   # (folders of degraded / clean images or a manifest: data/paired.py)
   c.data.tfds_data_dir = config_dict.placeholder(str)  # where `cotir_bench` was built
   c.data.index_cache_dir = "default"  # tar member-offset index cache ($XDG_CACHE_HOME/cotir_jax)
   c.data.read_threads = 2
   c.data.missing_prompt = "skip"   # or "fallback": upstream's "Please correct … issues."
   c.data.prompt_errors = "stop"    # a prompt line that is not UTF-8 stops start-up, or "skip": drop it, warn
   c.data.max_image_pixels = 4096 * 4096  # larger PNGs are skipped ('too_large') from their header, undecoded
+  # Where the CoT answers come from. "templates": each sample's own (CoTIR-Bench meta.json, a
+  # paired manifest's scene / degradation / plan), the degradation description and plan of paired
+  # data made from data.templates where it has none; "manifest": the samples' own only; "none":
+  # no text terms (plain flow-matching fine-tuning). A missing answer masks its term.
+  c.data.cot_answers = "templates"
+  c.data.templates = paired_templates()
 
   c.training = ml_collections.ConfigDict()
   c.training.use_gen = {0: 0.2, 10000: 0.3, 20000: 0.4, 30000: 0.5, 40000: 0.6}
@@ -276,6 +284,58 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   # and refuse a workdir that holds checkpoints (another run's work is never overwritten)
   c.resume = "latest"
   return c
+
+
+def paired_templates() -> ml_collections.ConfigDict:
+  """The text tables of paired data (data.source="paired"), in the style of CoTIR's prompt files
+  and answers. A degradation type is split into the degradations below (`low_haze_rain` → low
+  light, haze, rain, through `aliases`); a type with a part not listed here trains with the
+  generic prompts and without degradation / plan answers."""
+  t = ml_collections.ConfigDict()
+  t.generic_prompts = ("Please restore this image.", "Make this picture clearer.",
+                       "Improve the quality of this photo.",
+                       "Enhance this image and fix whatever is wrong with it.",
+                       "Restore the image to high quality.", "Clean up this photo.")
+  t.composite_prompt = "Please remove the {names} from this image."  # a type of several
+  # a composite plan's steps: the degradation formed last (compression, sensor noise,
+  # illumination, weather layers in front of the haze, optics) is undone first
+  t.order = ("jpeg_compression", "noise", "low_light", "snow", "rain", "haze", "blur", "lost_color")
+  t.aliases = {"low": "low_light", "dark": "low_light", "fog": "haze", "jpeg": "jpeg_compression"}
+  entries = {  # name in prompts; specific prompt lines; degradation description; plan step
+      "low_light": ("low light", ("Brighten this dark image.", "Enhance this low-light photo."),
+                    "The image is dark and underexposed, with crushed shadows and little visible "
+                    "detail.", "brighten the exposure while keeping shadows clean"),
+      "haze": ("haze", ("Remove the haze from this image.", "Dehaze this photo.",
+                        "Clear the fog from the picture."),
+               "A hazy veil lowers the contrast and washes out the colours.",
+               "remove the haze to recover contrast and saturation"),
+      "rain": ("rain", ("Remove the rain streaks.", "Derain this photo."),
+               "Bright rain streaks cover the scene and hide details behind them.",
+               "remove the rain streaks and fill in the occluded content"),
+      "snow": ("snow", ("Remove the snow from this image.",
+                        "Clear the falling snowflakes from this photo."),
+               "Falling snowflakes and snow streaks cover the scene and hide details behind them.",
+               "remove the snowflakes and fill in the occluded content"),
+      "noise": ("noise", ("Denoise this image.", "Remove the grain from this photo.",
+                          "Reduce the noise in the picture."),
+                "Grainy random noise covers the whole image, most visible in flat regions.",
+                "denoise while preserving fine detail"),
+      "blur": ("blur", ("Remove the blur from this image.", "Sharpen this blurry photo.",
+                        "Deblur the picture."),
+               "The image is blurry: edges and fine textures are smeared and lack sharp detail.",
+               "deblur to restore sharp edges and textures"),
+      "jpeg_compression": ("JPEG compression", ("Remove the JPEG artefacts.",
+                                                "Fix the compression blocks in this image."),
+                           "Blocky 8x8 artefacts and ringing around edges show strong JPEG compression.",
+                           "remove the compression blocks and ringing"),
+      "lost_color": ("missing colour", ("Colourise this image.",
+                                        "Restore the missing colours of this photo."),
+                     "The colours are missing; the photo looks almost grayscale.",
+                     "restore natural, plausible colours"),
+  }
+  t.degradations = {k: dict(name=n, prompts=p, description=d, plan=s)
+                    for k, (n, p, d, s) in entries.items()}
+  return t
 
 
 def tiny(base_model_name: str) -> ml_collections.ConfigDict:
@@ -348,6 +408,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   choose("data.source", cfg.data.source, DATA_SOURCES)
   choose("data.missing_prompt", cfg.data.missing_prompt, MISSING_PROMPT)
   choose("data.prompt_errors", cfg.data.prompt_errors, PROMPT_ERRORS)
+  choose("data.cot_answers", cfg.data.cot_answers, COT_ANSWERS)
+  _validate_templates(cfg.data.templates)
   if not isinstance(cfg.data.max_image_pixels, int) or cfg.data.max_image_pixels < 1:
     raise ConfigError(f"data.max_image_pixels={cfg.data.max_image_pixels!r} must be a positive int")
   if not 0 <= cfg.data.max_skip_fraction <= 1:
@@ -395,6 +457,36 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if inf.max_long_edge is not None and inf.max_long_edge < 16:
     raise ConfigError(f"inference.max_long_edge={inf.max_long_edge} must be at least 16")
   return cfg
+
+
+def _validate_templates(t: ml_collections.ConfigDict) -> None:
+  """data.templates: every table entry complete, `order` and `aliases` naming listed degradations."""
+  def texts(field, value, allow_empty=False):
+    if not isinstance(value, (tuple, list)) or not all(isinstance(x, str) and x.strip() for x in value) \
+        or not (value or allow_empty):
+      raise ConfigError(f"data.templates.{field}={value!r} must be a non-empty tuple of "
+                        "non-empty strings")
+
+  texts("generic_prompts", t.generic_prompts)
+  if not isinstance(t.composite_prompt, str) or "{names}" not in t.composite_prompt:
+    raise ConfigError(f"data.templates.composite_prompt={t.composite_prompt!r} must be a string "
+                      "holding {names} (the degradations' names)")
+  known = set(t.degradations)
+  for name in known:
+    entry = t.degradations[name]
+    for key in ("name", "description", "plan"):
+      if not isinstance(entry.get(key), str) or not entry[key].strip():
+        raise ConfigError(f"data.templates.degradations.{name}.{key}={entry.get(key)!r} must be a "
+                          "non-empty string")
+    texts(f"degradations.{name}.prompts", entry.get("prompts"))
+  order = list(t.order)
+  if sorted(order) != sorted(known):
+    raise ConfigError(f"data.templates.order={tuple(order)} must list each of data.templates."
+                      f"degradations once: {sorted(known)}")
+  for alias, target in t.aliases.items():
+    if target not in known:
+      raise ConfigError(f"data.templates.aliases.{alias}={target!r} is not one of "
+                        f"data.templates.degradations: {sorted(known)}")
 
 
 def _parse_value(text: str):

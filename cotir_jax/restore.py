@@ -11,9 +11,13 @@ training initialised it.
 
 PATH: an image; a directory of images (upstream inference.py's suffixes) → `<out>/<stem>.png`;
 upstream's test JSONL (`lq_path` or `id`, `gen_prompt`, `spe_prompt`) → `<out>/vague/` (generic
-prompt) and `<out>/precise/` (specific prompt), as upstream's test.py; or a CoTIR-Bench layout
+prompt) and `<out>/precise/` (specific prompt), as upstream's test.py; a CoTIR-Bench layout
 (`[image/]<type>/*.tar`, e.g. data/sample) → `<out>/restored/<key>.png` plus the HQ images as
-`<out>/reference/<key>.png`, ready for `python -m cotir_jax.evaluate`.
+`<out>/reference/<key>.png`; or a paired layout (a CDD-11 split, `hq/` + `lq/[<type>/]`, a JSONL
+manifest of `lq` / `hq` pairs; data/paired.py) → `<out>/restored/<type>/<stem>.png` per degraded
+image and its clean image once as `<out>/reference/<stem>.png`. The last two are ready for
+`python -m cotir_jax.evaluate`. Every image of a directory or layout gets `--prompt`, else
+`inference.prompt`.
 
 Per image, as upstream's inference.py: converted to RGB (16-bit grayscale scaled to 8 bits),
 shrunk to `--max_long_edge` (PIL bicubic) if asked, resized with torch's bicubic to the
@@ -60,11 +64,12 @@ from cotir_jax import models, multihost, sharding
 from cotir_jax import sample as sampler
 from cotir_jax.convert import cotir as cotir_files
 from cotir_jax.convert import orbax_io
+from cotir_jax.data import paired
 from cotir_jax.train import objective as obj
 from cotir_jax.train.modules import build_states, build_tokenizers
 from cotir_jax.train.program import configure_compiler
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")  # upstream's
+IMAGE_SUFFIXES = paired.IMAGE_SUFFIXES  # upstream inference.py's
 PROMPT_DIRS = {"gen_prompt": "vague", "spe_prompt": "precise"}  # upstream test.py
 RESULTS_DIR, REFERENCE_DIR = "restored", "reference"
 UPSTREAM_FILES = ("lora.pt", "lora.safetensors", "cot_adapter.pt", "cot_adapter.safetensors")
@@ -126,6 +131,29 @@ def _bench_jobs(path: str, out: str, prompt: str, cache_dir) -> list[Job]:
   return jobs
 
 
+def _pair_jobs(path: str, out: str, prompt: str, skipped: list) -> list[Job]:
+  """Every degraded image of a paired layout → `restored/<type>/<stem>.png`; its clean image is
+  written once, with the first job that has it, as `reference/<stem>.png` (the name the result
+  is scored under). A clean image that would take another's reference name is reported."""
+  jobs, references = [], {}
+  for i, pair in enumerate(paired.list_pairs(path).pairs):
+    stem = pair.lq.stem
+    reference = None
+    if pair.hq is not None:
+      ref = os.path.join(out, REFERENCE_DIR, f"{stem}.png")
+      new = ref not in references
+      first = references.setdefault(ref, pair.hq)
+      if first != pair.hq:
+        skipped.append((str(pair.lq), f"its reference {ref} is taken by another clean image, {first}"))
+        continue
+      if new:
+        reference = (_from_file(str(pair.hq)), ref)
+    jobs.append(Job(name=str(pair.lq), open=_from_file(str(pair.lq)), prompt=prompt,
+                    out=os.path.join(out, RESULTS_DIR, pair.type, f"{stem}.png"), index=i,
+                    reference=reference))
+  return jobs
+
+
 def _jsonl_jobs(path: str, out: str, lq_dir: str | None, skipped: list) -> list[Job]:
   """Upstream test.py's test set: image from `lq_path` (absolute, relative to the JSONL, or its
   name in `lq_dir`) or `<id>.png` in `lq_dir` (default: `lq/` next to the JSONL)."""
@@ -163,12 +191,20 @@ def _jsonl_jobs(path: str, out: str, lq_dir: str | None, skipped: list) -> list[
 
 def collect_jobs(path: str, out: str, *, prompt: str | None, default_prompt: str,
                  lq_dir: str | None = None, cache_dir="default") -> tuple[list[Job], list]:
-  """(jobs, skipped [(name, reason)]) for an image, a directory of images, a test JSONL or a
-  CoTIR-Bench directory; an output name taken twice is kept for the first image only."""
+  """(jobs, skipped [(name, reason)]) for an image, a directory of images, a test JSONL, a
+  CoTIR-Bench directory or a paired layout; an output name taken twice is kept for the first
+  image only."""
   skipped: list = []
   if not os.path.exists(path):
     raise RestoreError(f"--input {path!r} does not exist")
-  if path.endswith(".jsonl"):
+  layout = paired.detect_layout(path)
+  if layout is not None:
+    try:
+      jobs = _pair_jobs(path, out, _read_prompt(prompt) if prompt is not None else default_prompt,
+                        skipped)
+    except paired.DataLayoutError as e:
+      raise RestoreError(f"--input {path!r}: {e}") from None
+  elif path.endswith(".jsonl"):
     if prompt is not None:
       raise RestoreError("--prompt does not apply to a JSONL test set: it carries gen_prompt "
                          "and spe_prompt per image")
@@ -519,7 +555,8 @@ def _parser() -> cli.ArgumentParser:
                  help="training workdir / checkpoint step / cotir_to_orbax output, or upstream "
                       "lora.pt + cot_adapter.pt (two files or their directory)")
   p.add_argument("--input", required=True,
-                 help="an image, a directory of images, a test JSONL or a CoTIR-Bench directory")
+                 help="an image, a directory of images, a test JSONL, a CoTIR-Bench directory or "
+                      "a paired layout (CDD-11 split, hq/ + lq/, manifest of lq / hq pairs)")
   p.add_argument("--out", required=True, help="output directory")
   p.add_argument("--prompt", default=None, help="text or a .txt file (default inference.prompt)")
   p.add_argument("--lq_dir", default=None, help="JSONL input: image directory (default <jsonl dir>/lq)")

@@ -45,7 +45,7 @@ from cotir_jax import cli, config, convert, models, restore
 from cotir_jax.convert import cotir as cotir_files
 from cotir_jax.models.layers import LoRA
 from cotir_jax.models.spec import LoRASpec
-from cotir_jax.data import pipeline
+from cotir_jax.data import paired, pipeline
 from cotir_jax.train import checkpoint, loop, program
 from cotir_jax.train.modules import batch_spec, build_tokenizers
 from cotir_jax.train.workdir import WorkdirError
@@ -136,6 +136,10 @@ def exercise(cfg) -> None:
     next(it)
   finally:
     it.close()
+  # a paired source's texts (the sample data is CoTIR-Bench): every template degradation alone
+  # and all of them in one composite type
+  atoms = list(cfg.data.templates.degradations)
+  paired.make_texts(cfg.data.templates, atoms + ["_".join(atoms)], "templates")
   nnx.eval_shape(lambda: restore.inference_model(cfg, models.CoTIR(cfg.model,
                                                                    rngs=nnx.Rngs(0))))
 

@@ -456,6 +456,117 @@ def test_compat_casts_to_bf16():
   assert {a.dtype for a in out} == {jnp.dtype(jnp.float32)}
 
 
+# ------------------------------------------------------------------------------ answer masks
+
+def _loss_inputs(b=4):
+  ks = jax.random.split(jax.random.key(3), 8)
+  x_1 = jax.random.normal(ks[0], (b, 6, 8))
+  _, x_0, _ = objective.flow_matching_inputs(ks[1], x_1)
+  v = jax.random.normal(ks[2], (b, 12, 8))
+  feats = {k: jax.random.normal(ks[3 + i], (b, 5, 16)) for i, k in enumerate("sdp")}
+  targets = {k: feats[k] + jax.random.normal(ks[6], (b, 5, 16)) for k in "sdp"}
+  return v, feats, x_0, x_1, targets
+
+
+def test_answer_mask_masks_text_terms():
+  """All answers: exactly today's losses and gradients, bit for bit (λ is state, as in the step);
+  some: the mean over the samples that have one, no gradient from the others; none: the term and
+  its constraint are 0; two micro-batches with the batch's counts average to the batch's values."""
+  v, feats, x_0, x_1, targets = _loss_inputs()
+  lambdas = {"s": jnp.float32(0.5), "d": jnp.float32(2.0), "p": jnp.float32(1.0)}
+  deltas = {"s": 1e-4, "d": 2e-4, "p": 3e-4}
+  grad = lambda *mask: jax.jit(jax.value_and_grad(
+      lambda f, v, x_0, x_1, t, lam, *m: objective.losses(v, f, x_0, x_1, t, lam, deltas, *m), has_aux=True))
+  (loss0, ref), g0 = grad()(feats, v, x_0, x_1, targets, lambdas)
+  (loss1, aux), g1 = grad(1)(feats, v, x_0, x_1, targets, lambdas, jnp.ones((4, 3), jnp.int32),
+                             jnp.full((3,), 4.0))
+  assert float(loss1) == float(loss0)
+  for k in "sdp":
+    assert float(aux[f"txt_{k}_loss"]) == float(ref[f"txt_{k}_loss"])
+    np.testing.assert_array_equal(g1[k], g0[k])
+    # c_k may differ by one rounding: XLA may contract this small program's mean − δ into one
+    # fused multiply-add (a whole training run with all answers is bit-identical to today's)
+    assert float(aux["c"][k]) == pytest.approx(float(ref["c"][k]), rel=2e-7, abs=0)
+  masked = jax.jit(lambda v, f, x_0, x_1, t, m, n: objective.losses(v, f, x_0, x_1, t, lambdas, deltas, m, n))
+
+  m = jnp.array([[1, 0, 1], [0, 0, 1], [1, 0, 1], [0, 0, 1]], jnp.int32)  # s: rows 0, 2; d: none
+  loss, aux = masked(v, feats, x_0, x_1, targets, m, m.sum(0).astype(jnp.float32))
+  l_s = objective.text_loss(feats["s"][::2], targets["s"][::2])
+  assert float(aux["txt_s_loss"]) == pytest.approx(float(l_s), rel=1e-6)
+  assert float(aux["txt_d_loss"]) == 0.0 and float(aux["c"]["d"]) == 0.0
+  assert float(aux["txt_p_loss"]) == float(ref["txt_p_loss"])
+  want = ref["img_loss"] + 0.5 * (l_s - 1e-4) + 1.0 * (ref["txt_p_loss"] - 3e-4)
+  assert float(loss) == pytest.approx(float(want), rel=1e-6)
+  g = jax.grad(lambda f: objective.losses(v, f, x_0, x_1, targets, lambdas, deltas, m)[0])(feats)
+  assert float(jnp.abs(g["s"][1::2]).max()) == 0.0 and float(jnp.abs(g["s"][::2]).max()) > 0
+  assert float(jnp.abs(g["d"]).max()) == 0.0
+
+  # micro-batch j = rows j, j + 2 (the step's split); micro-batch 1 has no scene answer at all
+  micro = [masked(*(jax.tree.map(lambda a: a[j::2], (v, feats, x_0, x_1, targets, m))),
+                  m.sum(0).astype(jnp.float32) / 2)[1] for j in range(2)]
+  mean = jax.tree.map(lambda a, b: (a + b) / 2, *micro)
+  for key in ("txt_s_loss", "txt_d_loss", "txt_p_loss", "img_loss", "loss"):
+    assert float(mean[key]) == pytest.approx(float(aux[key]), rel=1e-6, abs=1e-12), key
+  for k in "sdp":
+    assert float(mean["c"][k]) == pytest.approx(float(aux["c"][k]), rel=1e-6, abs=1e-12), k
+
+
+def _toy_step_setup(k):
+  """The real train step (`make_train_step`: masks, counts, micro-batch scan, dual update) around
+  a two-layer toy model on ready-made inputs, for gradient accumulation k."""
+  from flax import nnx
+  from cotir_jax.train.step import Graphs, Prepared, make_train_step
+
+  class Toy(nnx.Module):
+    def __init__(self):
+      self.img, self.txt = nnx.Linear(4, 4, rngs=nnx.Rngs(0)), nnx.Linear(6, 18, rngs=nnx.Rngs(1))
+
+    def __call__(self, img, img_ids, txt, txt_ids, t, vec=None, guidance=None):
+      s, d, p = jnp.split(self.txt(txt), 3, axis=-1)
+      return self.img(img) * t[:, None, None], s, d, p
+
+  def prepare(cfg, graphs, frozen, batch, use_gen):
+    return Prepared(x_1=batch["x_1"], x_c=batch["x_c"], grid=(2, 2), txt=batch["txt"],
+                    targets={n: batch[f"t_{n}"] for n in "sdp"}, vec=None)
+
+  cfg = _cfg(f"training.gradient_accumulation_steps={k}", "training.lambda_lr=0.01")
+  graph, params, rest = nnx.split(Toy(), nnx.Param, ...)
+  tx = optim.make_optimizer(cfg)
+  step = jax.jit(make_train_step(cfg, Graphs(graph, None, None, None), tx, prepare_inputs=prepare))
+  lambdas = {"s": jnp.float32(0.3), "d": jnp.float32(0.2), "p": jnp.float32(0.0)}
+  state = {"params": params, "lambdas": lambdas, "opt_state": tx.init({"params": params, "lambdas": lambdas}),
+           "step": jnp.int32(0), "rng": jax.random.key(0), "nonfinite_step": jnp.int32(-1)}
+  return step, state, {"model": rest}
+
+
+def test_train_step_masks_and_accumulates_like_the_whole_batch():
+  rng = np.random.default_rng(0)
+  batch = {"x_1": rng.normal(size=(4, 4, 4)), "x_c": rng.normal(size=(4, 4, 4)), "txt": rng.normal(size=(4, 3, 6)),
+           **{f"t_{n}": rng.normal(size=(4, 3, 6)) for n in "sdp"}}
+  batch = {k: jnp.asarray(v, jnp.float32) for k, v in batch.items()}
+  # micro-batches (k = 2) are rows 0, 2 and 1, 3: the second has no scene answer
+  batch["answer_mask"] = jnp.array([[1, 1, 0], [0, 1, 0], [0, 0, 0], [0, 1, 0]], jnp.int32)
+  (whole, state0, frozen), (accum, _, _) = _toy_step_setup(1), _toy_step_setup(2)
+  new1, m1 = whole(state0, frozen, batch)
+  new2, m2 = accum(_toy_step_setup(2)[1], frozen, batch)
+  assert (float(m1["answers_s"]), float(m1["answers_d"]), float(m1["answers_p"])) == (1.0, 3.0, 0.0)
+  for key in ("loss", "img_loss", "txt_s_loss", "txt_d_loss", "txt_p_loss", "c_s", "c_d", "c_p",
+              "grad_norm", "lambda_s", "lambda_d", "lambda_p"):
+    assert abs(float(m2[key]) - float(m1[key])) <= 1e-6 * abs(float(m1[key])) + 1e-12, key
+  for a, b in zip(jax.tree.leaves(new1["params"]), jax.tree.leaves(new2["params"])):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+  # no plan answer in the batch: λ_p and its moments unchanged (λ_s, λ_d moved)
+  assert float(m1["lambda_p"]) == 0.0
+  assert all(not np.any(np.asarray(x)) for x in  # λ_p's Adam state still the initial zeros
+             jax.tree.leaves(new1["opt_state"].inner_states["lambda_p"]))
+  assert float(m1["c_p"]) == 0.0 and float(m1["lambda_s"]) != 0.3 and float(m1["lambda_d"]) != 0.2
+  # a batch without any answer (data.cot_answers=none): every λ stays exactly where it was
+  none = dict(batch, answer_mask=jnp.zeros((4, 3), jnp.int32))
+  new3, m3 = whole(_toy_step_setup(1)[1], frozen, none)
+  assert [float(m3[f"lambda_{n}"]) for n in "sdp"] == [float(np.float32(x)) for x in (0.3, 0.2, 0.0)]
+  assert float(m3["loss"]) == float(m3["img_loss"])
+
+
 # ------------------------------------------------------------------------------ sampler
 
 SPEC_SCHEDULES = {

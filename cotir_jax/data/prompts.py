@@ -152,6 +152,16 @@ class PromptBank:
     files = sorted(f for f in special_dir.glob("*.txt") if f.is_file()) if special_dir else []
     self._files: dict[str, list[str]] = {f.name[:-4]: read_lines(f, prompt_errors) for f in files}
 
+  @classmethod
+  def from_lines(cls, generic: Sequence[str], special: dict[str, Sequence[str]]) -> "PromptBank":
+    """A bank of in-memory lines instead of prompt files: `generic` as gen_prompt.txt, `special`
+    {label: lines} as spe_prompt/<label>.txt (paired data, whose prompts come from the config)."""
+    bank = cls.__new__(cls)
+    bank.root, bank.special_dir, bank.missing_prompt = None, None, "skip"
+    bank.generic = [ln.strip() for ln in generic if ln.strip()]
+    bank._files = {label: [ln.strip() for ln in lines if ln.strip()] for label, lines in special.items()}
+    return bank
+
   def sample_generic(self, rng: np.random.Generator) -> str:
     return self.generic[rng.integers(len(self.generic))] if self.generic else ""
 

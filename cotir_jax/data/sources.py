@@ -223,6 +223,8 @@ class TarSource:
   start-up (see scan_tar) out of `num_shards`.
   """
 
+  layout = "cotir_bench"  # records with meta.json (paired.PairSource's are "paired")
+
   def __init__(self, root: str | os.PathLike, cache_dir: str | os.PathLike | None = "default"):
     self.root = Path(root)
     shards = list_shards(self.root)

@@ -89,6 +89,8 @@ def _train(cfg, workdir: str, start: preflight.Startup) -> dict:
           + f"{resumed} of {total}; workdir {start.disk_free / 2**30:.1f} GiB free"
           + (f"; config changed since the checkpoint: {'; '.join(map(str, start.config_changes))}"
              if start.config_changes else ""), flush=True)
+    for note in pipeline.data_notes(cfg, start.source, start.bank):
+      print(f"cotir_jax: data: {note}", flush=True)
 
   peak = flops.device_peak_flops(jax.devices()[0], cfg.training.peak_tflops)
   if peak is None:  # a device without a published peak (CPU): its own best matmul rate

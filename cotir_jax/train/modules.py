@@ -22,7 +22,7 @@ from flax import nnx
 
 from cotir_jax import models, sharding, tokenization
 from cotir_jax.config import ConfigError
-from cotir_jax.data.decode import TEXT_FIELDS
+from cotir_jax.data.decode import ANSWER_MASK, TEXT_FIELDS
 from cotir_jax.models.attention import AttentionSpec, platform_of
 from cotir_jax.models.layers import dtype_of
 from cotir_jax.models.text import build_text_encoder
@@ -153,7 +153,7 @@ def tokenizer_lengths(cfg) -> dict[str, int]:
 def batch_spec(cfg, batch: int, patch: int) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes and dtypes of a training batch (the data pipeline's arrays, `meta` aside)."""
   image = jax.ShapeDtypeStruct((batch, patch, patch, 3), jnp.float32)
-  spec = {"hq": image, "lq": image}
+  spec = {"hq": image, "lq": image, ANSWER_MASK: jax.ShapeDtypeStruct((batch, 3), jnp.int32)}
   for name, length in tokenizer_lengths(cfg).items():
     for field in TEXT_FIELDS:
       for part in ("ids", "mask"):

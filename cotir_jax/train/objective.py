@@ -166,24 +166,50 @@ def l2_normalize(h: jax.Array, eps: float = 1e-6) -> jax.Array:
   return h / jnp.maximum(jnp.linalg.norm(h, axis=-1, keepdims=True), eps)
 
 
-def text_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
-  """MSE of per-token L2-normalised features over all B×L×D elements (padding included)."""
-  return jnp.mean(jnp.square(l2_normalize(pred) - l2_normalize(target)))
+def text_loss(pred: jax.Array, target: jax.Array, weight: jax.Array | None = None,
+              norm: jax.Array | None = None) -> jax.Array:
+  """MSE of per-token L2-normalised features over all B×L×D elements (padding included).
+
+  With `weight` [B] (1: the sample has this answer, 0: it has none) the other samples are left
+  out: their prediction is replaced by the target (no error, no gradient) and the mean is
+  rescaled by B / norm, where `norm` is how many samples the mean is over (default Σ weight; one
+  micro-batch of a larger batch passes that batch's count divided by the number of
+  micro-batches, so the micro-batch losses average to the batch's). No sample with an answer
+  gives 0. With every weight 1 and norm = B the same values reach the same mean, then × 1, so
+  the numbers stay those of the unmasked loss (bit for bit over a tiny CPU training run; a
+  weighted sum instead can be rewritten by XLA into a dot product that adds in another order).
+  """
+  p, t = l2_normalize(pred), l2_normalize(target)
+  if weight is None:
+    return jnp.mean(jnp.square(p - t))
+  has = weight.reshape(-1, *([1] * (p.ndim - 1))) > 0
+  norm = jnp.sum(weight.astype(jnp.float32)) if norm is None else jnp.asarray(norm, jnp.float32)
+  return jnp.mean(jnp.square(jnp.where(has, p, t) - t)) * (p.shape[0] / jnp.where(norm > 0, norm, 1.0))
 
 
 def losses(velocity, text_preds: dict, x_0, x_1, text_targets: dict, lambdas: dict,
-           deltas: dict):
+           deltas: dict, answer_mask: jax.Array | None = None, norms: jax.Array | None = None):
   """The primal loss and its parts (spec §10.7-10).
 
   Returns (loss, aux) with aux = {img_loss, txt_{k}_loss, c: {k: c_k}}; c_k = L_k − δ_k and
   loss = L_img + Σ_k stop_gradient(λ_k)·c_k. All float32 scalars.
+
+  `answer_mask` [B, 3] (TEXT_KEYS order) marks the samples that have each answer: L_k is the
+  mean over those only (`text_loss`), with `norms` [3] the sample counts the means run over
+  (default: this batch's). A term without any such sample has L_k = c_k = 0 and adds nothing.
   """
   l_img = image_loss(velocity, x_0, x_1)
   aux = {"img_loss": l_img, "c": {}}
   loss = l_img
-  for k in TEXT_KEYS:
-    l_k = text_loss(text_preds[k], text_targets[k])
-    c_k = l_k - jnp.float32(deltas[k])
+  for i, k in enumerate(TEXT_KEYS):
+    if answer_mask is None:
+      l_k = text_loss(text_preds[k], text_targets[k])
+      c_k = l_k - jnp.float32(deltas[k])
+    else:
+      weight = answer_mask[:, i].astype(jnp.float32)
+      norm = jnp.sum(weight) if norms is None else norms[i]
+      l_k = text_loss(text_preds[k], text_targets[k], weight, norm)
+      c_k = jnp.where(norm > 0, l_k - jnp.float32(deltas[k]), 0.0)
     aux[f"txt_{k}_loss"] = l_k
     aux["c"][k] = c_k
     loss = loss + jax.lax.stop_gradient(jnp.asarray(lambdas[k], jnp.float32)) * c_k

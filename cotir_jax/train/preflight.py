@@ -73,8 +73,11 @@ def run(cfg, workdir: str) -> Startup:
   attempt(_check_resume, cfg, meta)
   saved = meta and meta.get("data_state")
   data_state = attempt(pipeline.load_state, saved) if saved else None
-  source = attempt(pipeline.make_source, cfg)
-  bank = attempt(pipeline.make_prompt_bank, cfg)
+  source = bank = None
+  if attempt(pipeline.source_dir, cfg) is not None:
+    source = attempt(pipeline.make_source, cfg)  # scanned once: every stage reads it
+  if source is not None:
+    bank = attempt(pipeline.make_prompt_bank, cfg, source)
   attempt(_check_batch_split, cfg, meta, data_state)
   prog = tokenizers = free = None
   if not failures:  # what takes seconds, and what creates the workdir: for a run that can start
