@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cotir_jax.train import objective as obj
+from cotir_jax import latents
 
 
 def _time_shift(mu: float, ts: np.ndarray) -> np.ndarray:
@@ -120,15 +120,15 @@ def restore_images(model, vae, lq: jax.Array, txt: jax.Array, *, family: str, nu
   decodes the final tokens. H and W are multiples of 16.
   """
   lat = vae.encode(lq)
-  x_c = obj.image_tokens(lat, family)
-  grid = obj.token_grid(lat.shape, family)
-  ids_tgt, ids_cnd, txt_ids = obj.position_ids(lq.shape[0], grid, txt.shape[1], family)
+  x_c = latents.image_tokens(lat, family)
+  grid = latents.token_grid(lat.shape, family)
+  ids_tgt, ids_cnd, txt_ids = latents.position_ids(lq.shape[0], grid, txt.shape[1], family)
   noise = jax.vmap(lambda k: jax.random.normal(k, x_c.shape[1:], jnp.float32))(keys)
   tokens = euler_sample(
       lambda img, ids, t, t_ids, ts, v, g: model(img, ids, t, t_ids, ts, vec=v, guidance=g)[0],
       x_c, ids_tgt, ids_cnd, txt, txt_ids, num_steps=num_steps, family=family, key=None,
       vec=vec, guidance=guidance, noise=noise, dtype=dtype, timesteps=timesteps)
-  return vae.decode(obj.tokens_to_latents(tokens, grid, family))
+  return vae.decode(latents.tokens_to_latents(tokens, grid, family))
 
 
 def to_uint8(images) -> np.ndarray:
