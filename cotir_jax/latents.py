@@ -1,4 +1,4 @@
-"""VAE latents as transformer tokens, and their RoPE position ids, for either family.
+"""VAE latents as transformer tokens, their RoPE position ids, and the dtypes they are fed in.
 
 What training and inference both feed the model: FLUX.2 (klein) flattens its 128-channel
 latents at H/16 row-major; FLUX.1 (Kontext) packs 2×2 patches of its 16-channel latents at H/8.
@@ -10,6 +10,19 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+
+def input_dtype(compat: str):
+  """Dtype of the model inputs: bf16 under compat="upstream" (upstream casts every input to its
+  bf16 weight dtype), else float32."""
+  return jnp.bfloat16 if compat == "upstream" else jnp.float32
+
+
+def latent_dtype(family: str, compat: str):
+  """Dtype of the autoencoder latents, in which upstream's sampler starts and keeps its state:
+  under compat="upstream" bf16 for FLUX.2 (upstream loads klein's VAE in bf16) and float32 for
+  FLUX.1 (its `ae.safetensors` is float32 and loaded as stored); float32 otherwise."""
+  return jnp.bfloat16 if compat == "upstream" and family == "flux2" else jnp.float32
 
 
 # --------------------------------------------------------------------------- FLUX.2 tokens / ids

@@ -55,7 +55,6 @@ from cotir_jax import models, sharding
 from cotir_jax import sample as sampler
 from cotir_jax.convert import cotir as cotir_files
 from cotir_jax.convert import orbax_io
-from cotir_jax.train import objective as obj
 from cotir_jax.train.modules import build_states, build_tokenizers
 from cotir_jax.train.program import configure_compiler
 
@@ -368,7 +367,7 @@ class Restorer:
       return sampler.restore_images(
           model, nnx.merge(self.encoder_graphs["vae"], encoders["vae"]), batch["lq"], txt,
           family=family, num_steps=batch["timesteps"].shape[1] - 1, keys=keys, vec=vec,
-          guidance=guidance, timesteps=batch["timesteps"], dtype=obj.input_dtype(cfg.compat))
+          guidance=guidance, timesteps=batch["timesteps"], compat=cfg.compat)
 
     return jax.jit(run, out_shardings=self.batch_sharding)
 

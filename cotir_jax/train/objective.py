@@ -11,18 +11,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cotir_jax import latents
+
 TEXT_KEYS = ("s", "d", "p")  # scene, degradation, plan (the adapter's 2nd..4th outputs)
-
-
-def input_dtype(compat: str):
-  """Dtype of the prepared model inputs: bf16 under compat="upstream" (spec §10.3), else f32."""
-  return jnp.bfloat16 if compat == "upstream" else jnp.float32
 
 
 def cast_inputs(tree, compat: str = "default"):
   """Casts every floating leaf (latents, features, ids, timesteps, vec) to the input dtype:
   bf16 under compat="upstream" (upstream's `check_tensor_consistency`, spec §10.3), else f32."""
-  dt = input_dtype(compat)
+  dt = latents.input_dtype(compat)
   cast = lambda x: x.astype(dt) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x
   return jax.tree.map(cast, tree)
 
@@ -52,7 +49,8 @@ def flow_matching_inputs(keys: jax.Array, x_1: jax.Array, compat: str = "default
   if keys.ndim == 0:
     keys = jax.random.split(keys, x_1.shape[0])
   pairs = jax.vmap(jax.random.split)(keys)
-  x_0 = jax.vmap(lambda k: jax.random.normal(k, x_1.shape[1:], input_dtype(compat)))(pairs[:, 0])
+  dtype = latents.input_dtype(compat)
+  x_0 = jax.vmap(lambda k: jax.random.normal(k, x_1.shape[1:], dtype))(pairs[:, 0])
   t = sample_timesteps(pairs[:, 1])
   tt = t[:, None, None]
   x_t = (1.0 - tt) * x_1.astype(jnp.float32) + tt * x_0.astype(jnp.float32)

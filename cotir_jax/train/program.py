@@ -25,7 +25,7 @@ from cotir_jax import sample as sampler
 from cotir_jax.train import modules
 from cotir_jax.train import objective as obj
 from cotir_jax.train import optim
-from cotir_jax.train.step import Graphs, guidance_for, make_train_step, text_key
+from cotir_jax.train.step import Graphs, make_train_step, text_key
 
 
 def configure_compiler(cfg) -> str | None:
@@ -219,12 +219,14 @@ def make_validate(cfg, graphs: Graphs):
       if graphs.clip is not None:
         vec = nnx.merge(graphs.clip, frozen["clip"])(batch[f"{which}_clip_ids"])
       ids_tgt, ids_cnd, txt_ids = latents.position_ids(b, grid, txt.shape[1], family)
-      g = guidance_for(cfg, b)
       tokens = sampler.euler_sample(
-          lambda img, img_ids, t, t_ids, ts, v, _g: model(img, img_ids, t, t_ids, ts, vec=v,
-                                                          guidance=g)[0],
+          lambda img, img_ids, t, t_ids, ts, v, g: model(img, img_ids, t, t_ids, ts, vec=v,
+                                                         guidance=g)[0],
           x_c, ids_tgt, ids_cnd, txt, txt_ids, num_steps=cfg.training.num_steps, family=family,
-          key=jax.random.key(42), vec=vec, guidance=None if g is None else cfg.training.guidance)
+          key=jax.random.key(42), vec=vec,
+          guidance=cfg.training.guidance if cfg.model.guidance_embed else None,
+          dtype=latents.input_dtype(cfg.compat),
+          state_dtype=latents.latent_dtype(family, cfg.compat))
       results.append(vae.decode(latents.tokens_to_latents(tokens, grid, family)))
     ref = quality.quantize(batch["hq"])  # the 8-bit PNG values, in [0, 1]
     scores = {}
