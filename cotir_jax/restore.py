@@ -301,8 +301,11 @@ def read_weights(paths: Sequence[str], targets: dict, family: str) -> dict[str, 
 
 def inference_model(cfg, model: models.CoTIR) -> models.CoTIR:
   """The model restore samples with: LoRA folded into the base weights only when
-  `model.lora.merge_for_inference` is set (upstream's test configs keep it apart)."""
-  return models.merge_lora(model) if cfg.model.lora.merge_for_inference else model
+  `model.lora.merge_for_inference` is set (upstream's test configs keep it apart), rounded
+  as upstream rounds it under compat="upstream"."""
+  if not cfg.model.lora.merge_for_inference:
+    return model
+  return models.merge_lora(model, upstream=cfg.compat == "upstream")
 
 
 class Restorer:
