@@ -60,7 +60,6 @@ from cotir_jax import sample as sampler
 from cotir_jax.convert import cotir as cotir_files
 from cotir_jax.convert import orbax_io
 from cotir_jax.data import paired
-from cotir_jax.train import objective as obj
 from cotir_jax.train.modules import build_states, build_tokenizers
 from cotir_jax.train.program import configure_compiler
 
@@ -338,8 +337,11 @@ def read_weights(paths: Sequence[str], targets: dict, family: str) -> dict[str, 
 
 def inference_model(cfg, model: models.CoTIR) -> models.CoTIR:
   """The model restore samples with: LoRA folded into the base weights only when
-  `model.lora.merge_for_inference` is set (upstream's test configs keep it apart)."""
-  return models.merge_lora(model) if cfg.model.lora.merge_for_inference else model
+  `model.lora.merge_for_inference` is set (upstream's test configs keep it apart), rounded
+  as upstream rounds it under compat="upstream"."""
+  if not cfg.model.lora.merge_for_inference:
+    return model
+  return models.merge_lora(model, upstream=cfg.compat == "upstream")
 
 
 class Restorer:
@@ -404,7 +406,7 @@ class Restorer:
       return sampler.restore_images(
           model, nnx.merge(self.encoder_graphs["vae"], encoders["vae"]), batch["lq"], txt,
           family=family, num_steps=batch["timesteps"].shape[1] - 1, keys=keys, vec=vec,
-          guidance=guidance, timesteps=batch["timesteps"], dtype=obj.input_dtype(cfg.compat))
+          guidance=guidance, timesteps=batch["timesteps"], compat=cfg.compat)
 
     return jax.jit(run, out_shardings=self.batch_sharding)
 

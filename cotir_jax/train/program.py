@@ -20,13 +20,13 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from cotir_jax import quality, sharding
+from cotir_jax import latents, quality, sharding
 from cotir_jax import sample as sampler
 from cotir_jax.models import attention
 from cotir_jax.train import modules
 from cotir_jax.train import objective as obj
 from cotir_jax.train import optim
-from cotir_jax.train.step import Graphs, guidance_for, make_train_step, text_key
+from cotir_jax.train.step import Graphs, make_train_step, text_key
 
 
 def configure_compiler(cfg) -> str | None:
@@ -217,8 +217,8 @@ def make_validate(cfg, graphs: Graphs):
     model = nnx.merge(graphs.model, params, frozen["model"])
     encoder = nnx.merge(graphs.text, frozen["text"])
     lat_lq = vae.encode(batch["lq"])
-    x_c = obj.image_tokens(lat_lq, family)
-    grid = obj.token_grid(lat_lq.shape, family)
+    x_c = latents.image_tokens(lat_lq, family)
+    grid = latents.token_grid(lat_lq.shape, family)
     b = x_c.shape[0]
     results = []
     for which in ("gen", "spe"):
@@ -227,14 +227,16 @@ def make_validate(cfg, graphs: Graphs):
       vec = None
       if graphs.clip is not None:
         vec = nnx.merge(graphs.clip, frozen["clip"])(batch[f"{which}_clip_ids"])
-      ids_tgt, ids_cnd, txt_ids = obj.position_ids(b, grid, txt.shape[1], family)
-      g = guidance_for(cfg, b)
+      ids_tgt, ids_cnd, txt_ids = latents.position_ids(b, grid, txt.shape[1], family)
       tokens = sampler.euler_sample(
-          lambda img, img_ids, t, t_ids, ts, v, _g: model(img, img_ids, t, t_ids, ts, vec=v,
-                                                          guidance=g)[0],
+          lambda img, img_ids, t, t_ids, ts, v, g: model(img, img_ids, t, t_ids, ts, vec=v,
+                                                         guidance=g)[0],
           x_c, ids_tgt, ids_cnd, txt, txt_ids, num_steps=cfg.training.num_steps, family=family,
-          key=jax.random.key(42), vec=vec, guidance=None if g is None else cfg.training.guidance)
-      results.append(vae.decode(obj.tokens_to_latents(tokens, grid, family)))
+          key=jax.random.key(42), vec=vec,
+          guidance=cfg.training.guidance if cfg.model.guidance_embed else None,
+          dtype=latents.input_dtype(cfg.compat),
+          state_dtype=latents.latent_dtype(family, cfg.compat))
+      results.append(vae.decode(latents.tokens_to_latents(tokens, grid, family)))
     ref = quality.quantize(batch["hq"])  # the 8-bit PNG values, in [0, 1]
     scores = {}
     for which, res in zip(("gen", "spe"), results):

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from cotir_jax import sharding
+from cotir_jax import latents, sharding
 from cotir_jax.data.decode import ANSWER_MASK
 from cotir_jax.train import objective as obj
 from cotir_jax.train import optim
@@ -76,7 +76,7 @@ def prepare(cfg, graphs: Graphs, frozen: dict, batch: dict, use_gen: jax.Array) 
     lat = vae.encode(pairs.reshape(-1, *pairs.shape[2:]))
     lat = lat.reshape(pairs.shape[0], 2, *lat.shape[1:])
     lat_hq, lat_lq = lat[:, 0], lat[:, 1]
-  x_1, x_c = obj.image_tokens(lat_hq, family), obj.image_tokens(lat_lq, family)
+  x_1, x_c = latents.image_tokens(lat_hq, family), latents.image_tokens(lat_lq, family)
   pick = lambda gen, spe: jnp.where(use_gen.reshape(-1, *([1] * (gen.ndim - 1))), gen, spe)
   name = text_key(family)
   ids = jnp.concatenate([pick(batch[f"gen_{name}_ids"], batch[f"spe_{name}_ids"])]
@@ -97,7 +97,7 @@ def prepare(cfg, graphs: Graphs, frozen: dict, batch: dict, use_gen: jax.Array) 
       vec = clip(pick(batch["gen_clip_ids"], batch["spe_clip_ids"]))
   x_1, x_c, txt, s, d, pl, vec = jax.lax.stop_gradient(
       obj.cast_inputs((x_1, x_c, txt, s, d, pl, vec), compat))
-  return Prepared(x_1=x_1, x_c=x_c, grid=obj.token_grid(lat_hq.shape, family), txt=txt,
+  return Prepared(x_1=x_1, x_c=x_c, grid=latents.token_grid(lat_hq.shape, family), txt=txt,
                   targets={"s": s, "d": d, "p": pl}, vec=vec)
 
 
@@ -148,7 +148,7 @@ def make_train_step(cfg, graphs: Graphs, tx: optax.GradientTransformation, prepa
     inp = prepare_inputs(cfg, graphs, frozen, batch, use_gen)
     b = inp.x_1.shape[0]
     x_t, x_0, t = obj.flow_matching_inputs(k_fm, inp.x_1, compat)
-    ids_tgt, ids_cnd, txt_ids = obj.position_ids(b, inp.grid, inp.txt.shape[1], family)
+    ids_tgt, ids_cnd, txt_ids = latents.position_ids(b, inp.grid, inp.txt.shape[1], family)
     img, img_ids, txt, txt_ids, t_in = obj.model_inputs(x_t, inp.x_c, ids_tgt, ids_cnd, inp.txt,
                                                         txt_ids, t, compat)
     guidance = guidance_for(cfg, b)
