@@ -21,7 +21,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from flax import nnx
 
 from cotir_jax import cli, config, convert
 from cotir_jax.convert import cotir as cotir_files
@@ -101,8 +100,8 @@ def prog(cfg):
 
 @pytest.fixture(scope="module")
 def source(prog, tmp_path_factory):
-  """Trainable weights unlike the random init (init + noise), as upstream's files (float32)
-  and as a cotir_to_orbax checkpoint of them."""
+  """Trainable weights unlike the random init (init + noise), written as upstream's files
+  (float32, so that they hold the weights exactly)."""
   flat = _flat(prog.init_state()["params"])
   rng = np.random.default_rng(7)
   params = {k: (v + 0.05 * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in flat.items()}
@@ -124,7 +123,7 @@ def runs(cfg, prog, source, tmp_path_factory):
 
     def spy(self, *args, **kwargs):  # the loop's starting state, before the step donates it
       state = init_state(self, *args, **kwargs)
-      initial.append(_flat({k: v for k, v in state.items() if k != "rng"}))
+      initial.append(_flat(state))
       return state
 
     mp.setattr(Program, "init_state", spy)
@@ -152,7 +151,7 @@ def test_init_from_upstream_files_starts_the_loop_at_step_0(runs, source, prog):
                               if k.startswith(name + ".")}
   _assert_equal(part(start, "params"), source.params)
   _assert_equal(part(start, "ema"), source.params)
-  _assert_fresh(start, {k: v for k, v in fresh.items() if k != "rng"}, source.params)
+  _assert_fresh(start, fresh, source.params)
   assert int(start["step"]) == 0
   assert f"starting at step 0 of 4, initialised from {source.dir};" in runs.said[0]
   assert ("resuming at step 2 of 4 (training.init_from unused: a resumed run continues from its own "

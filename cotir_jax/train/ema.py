@@ -36,5 +36,5 @@ def update(ema, params, decay: float, n: jax.Array):
 
 
 def as_params(ema, params):
-  """The average in the params' dtypes: what validation and inference run with."""
+  """The average in the params' dtypes, as validation samples with it."""
   return jax.tree.map(lambda e, p: e.astype(p.dtype), ema, params)
