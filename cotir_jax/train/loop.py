@@ -29,6 +29,7 @@ from cotir_jax.train import workdir as wd
 from cotir_jax.train.checkpoint import Checkpointer, estimate_nbytes
 from cotir_jax.train.metrics import MetricsWriter
 from cotir_jax.train.modules import build_tokenizers
+from cotir_jax.train.profiler import StepProfiler
 from cotir_jax.train.program import Program, configure_compiler
 
 log = logging.getLogger("cotir_jax.train")
@@ -91,6 +92,14 @@ def _grid(images) -> np.ndarray:
   return np.concatenate(rows, axis=0)
 
 
+def _start_note(step: int, total: int, resumed: bool, init_from: str | None) -> str:
+  if resumed:
+    return f"resuming at step {step} of {total}" + (
+        " (training.init_from unused: a resumed run continues from its own checkpoint)"
+        if init_from else "")
+  return f"starting at step 0 of {total}" + (f", initialised from {init_from}" if init_from else "")
+
+
 def train(cfg, workdir: str, *, take_over_lock: bool = False) -> dict:
   """Runs (or resumes) training in `workdir`; returns a summary (steps, compiles per stage).
 
@@ -124,7 +133,7 @@ def _train(cfg, workdir: str) -> dict:
     state = restored["state"]
     data_states = restored["data_state"]["processes"]
   else:
-    state = prog.init_state()
+    state = prog.init_state(cfg.training.init_from)
   frozen = prog.init_frozen()
   step = int(state["step"])
   total = int(cfg.training.iterations[-1])
@@ -139,8 +148,8 @@ def _train(cfg, workdir: str) -> dict:
           + f"; attention {prog.attention_summary}"
           + f"; parameters {n_params:,} total / {n_train:,} trainable; state + frozen weights "
           f"{mem / 2**20:.1f} MiB per device; "
-          + (f"resuming at step {step}" if restored else "starting at step 0")
-          + f" of {total}; workdir {disk_free / 2**30:.1f} GiB free"
+          + _start_note(step, total, restored is not None, cfg.training.init_from)
+          + f"; workdir {disk_free / 2**30:.1f} GiB free"
           + (f"; config changed since the checkpoint: {'; '.join(map(str, config_changes))}"
              if config_changes else ""), flush=True)
 
@@ -156,6 +165,7 @@ def _train(cfg, workdir: str) -> dict:
   writer = MetricsWriter(workdir, start_step=step, report_to=cfg.report_to,
                          project=cfg.project_name, config=cfg.to_dict(), is_lead=lead)
   bar = tqdm(total=total, initial=step, disable=not lead, desc="train", dynamic_ncols=True)
+  profiler = StepProfiler(cfg.training.profile_steps, workdir)
 
   def save(it):
     ckpt.save(int(state["step"]), state, data_state={"processes": _all_processes(it.get_state())},
@@ -186,6 +196,7 @@ def _train(cfg, workdir: str) -> dict:
           multihost_utils.sync_global_devices(f"cotir_jax stage {stage} compiled")
         t_last, n_since, logged_at = time.perf_counter(), 0, step
         while step < stage_end:
+          profiler.at(step, state)
           local = next(it)
           meta = local.pop("meta")
           batch = prog.place_batch(local, stage)
@@ -199,7 +210,7 @@ def _train(cfg, workdir: str) -> dict:
             val = {k: v[:prog.val_rows(stage)] for k, v in local.items()}
             if jax.process_count() > 1:
               val = multihost_utils.broadcast_one_to_all(val)
-            images, scores = validate(state["params"], frozen, prog.place_batch(val))
+            images, scores = validate(state[prog.val_weights], frozen, prog.place_batch(val))
             scores = {k: float(np.mean(v)) for k, v in jax.device_get(scores).items()}
             if lead:
               grid = _grid(images)
@@ -238,6 +249,7 @@ def _train(cfg, workdir: str) -> dict:
         data_states = _all_processes(it.get_state())
         it.close()
   finally:
+    profiler.close()
     bar.close()
     writer.close()
     ckpt.close()

@@ -1,9 +1,9 @@
 """The training step as one pure function (design decisions 1, 5): frozen encoders on device →
 flow-matching CoTIR losses → one primal-dual optax update.
 
-The state is `{"params", "lambdas", "opt_state", "step", "rng", "nonfinite_step"}`; `params` is
-the trainable `nnx.State` (LoRA + adapter), frozen weights travel separately and get no
-gradient. Every random draw of a sample (prompt choice, t, noise) comes from its own key,
+The state is `{"params", "lambdas", "opt_state", "step", "rng", "nonfinite_step"}` (plus
+`"ema"` with `training.ema_decay` > 0, see `ema.py`); `params` is the trainable `nnx.State`
+(LoRA + adapter), frozen weights travel separately and get no gradient. Every random draw of a sample (prompt choice, t, noise) comes from its own key,
 `split(fold_in(rng, step), global_batch)[row]`: a resumed run draws exactly what an
 uninterrupted one does, and the draws do not depend on how the batch is split over processes
 or into micro-batches.
@@ -31,6 +31,7 @@ from flax import nnx
 
 from cotir_jax import latents, sharding
 from cotir_jax.data.decode import ANSWER_MASK
+from cotir_jax.train import ema
 from cotir_jax.train import objective as obj
 from cotir_jax.train import optim
 
@@ -139,6 +140,7 @@ def make_train_step(cfg, graphs: Graphs, tx: optax.GradientTransformation, prepa
   deltas = obj.deltas_from_config(cfg)
   lr_logged = optim.lr_unfloored(cfg)
   k = int(cfg.training.gradient_accumulation_steps)
+  ema_decay = float(cfg.training.ema_decay)
 
   def grads_and_aux(params, frozen, batch, keys, p_gen, lambdas, norms):
     """Gradient and loss terms of one (micro-)batch whose rows draw from `keys`; `norms` [3]:
@@ -201,6 +203,8 @@ def make_train_step(cfg, graphs: Graphs, tx: optax.GradientTransformation, prepa
                "lr": lr_logged(step), "use_gen_prob": p_gen,
                "grad_norm": optim.grad_norm(opt_state)}
     state = {**state, **new, "opt_state": opt_state, "step": step + 1}
+    if ema_decay:
+      state["ema"] = ema.update(state["ema"], new["params"], ema_decay, step)
     return state, metrics
 
   return guard_nonfinite(train_step)
