@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cotir_jax import cli, sharding
+from cotir_jax import cli, latents, sharding
 from cotir_jax.plan import target
 from cotir_jax.train import objective as obj
 from cotir_jax.train import optim
@@ -56,7 +56,7 @@ def parts(prog: Program, stage: int) -> dict:
   def model(params, frozen, inp, lambdas, key):
     x_t, x_0, t = obj.flow_matching_inputs(key, inp.x_1, cfg.compat)
     b = inp.x_1.shape[0]
-    ids = obj.position_ids(b, inp.grid, inp.txt.shape[1], cfg.model.family)
+    ids = latents.position_ids(b, inp.grid, inp.txt.shape[1], cfg.model.family)
     args = obj.model_inputs(x_t, inp.x_c, ids[0], ids[1], inp.txt, ids[2], t, cfg.compat)
 
     def loss_fn(p):

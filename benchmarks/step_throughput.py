@@ -354,8 +354,7 @@ def main(argv=None):
   import numpy as np
   import torch
   sys.path.insert(0, str(Path(__file__).resolve().parent))
-  from cotir_jax import flops
-  from cotir_jax.train import objective as obj
+  from cotir_jax import flops, latents
   from cotir_jax.train.program import Program
   torch.set_num_threads(args.threads)
   # XLA's CPU code flushes denormal results to zero; torch does not by default, and the tiny
@@ -400,7 +399,7 @@ def main(argv=None):
   params0 = prog.init_state()["params"]  # the initial trainable weights, copied into torch
   inputs = make_inputs(cfg, batch, patch)
   grid = (patch // 16, patch // 16)
-  ids = [np.asarray(a[0]) for a in obj.position_ids(1, grid, int(cfg.data.max_length), m.family)]
+  ids = [np.asarray(a[0]) for a in latents.position_ids(1, grid, int(cfg.data.max_length), m.family)]
   img_ids, txt_ids = np.concatenate(ids[:2]), ids[2]
 
   t0 = time.perf_counter()

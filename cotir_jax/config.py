@@ -251,6 +251,13 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   c.training.guidance = 4.0
   c.training.log_steps = 10
   c.training.peak_tflops = config_dict.placeholder(float)  # per-chip bf16 peak for mfu; unset: device table
+  # Start a new run from trained weights (fresh optimizer, λ and step 0): a training workdir or
+  # one of its checkpoints/<step>/, a convert/cotir_to_orbax.py output, or upstream's released
+  # lora.pt + cot_adapter.pt (their directory, or "lora.pt,cot_adapter.pt"). Used only when
+  # the workdir has no checkpoint yet: a resumed run continues from its own.
+  c.training.init_from = config_dict.placeholder(str)
+  c.training.ema_decay = 0.0  # EMA of the trainable weights (train/ema.py), e.g. 0.999; 0: none
+  c.training.profile_steps = ()  # (start, stop): jax.profiler trace of those steps in <workdir>/profile/
 
   # JAX's persistent compilation cache: a resumed run or a repeated stage does not compile
   # again. "default": <workdir>/compile_cache for training (one cache every host of a slice
@@ -439,6 +446,13 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       raise ConfigError(f"training.patch_sizes contains {p}; every patch size must be a multiple of 16")
   if not -1.0 <= float(cfg.compile_effort) <= 1.0:
     raise ConfigError(f"compile_effort={cfg.compile_effort!r} must be in [-1, 1]")
+  if not 0.0 <= float(t.ema_decay) < 1.0:
+    raise ConfigError(f"training.ema_decay={t.ema_decay!r} must be in [0, 1); 0 keeps no EMA")
+  steps = tuple(t.profile_steps)
+  if steps and not (len(steps) == 2 and all(isinstance(x, int) for x in steps)
+                    and 0 <= steps[0] < steps[1]):
+    raise ConfigError(f"training.profile_steps={steps!r} must be () (no trace) or (start, stop) "
+                      "with 0 <= start < stop: the steps start, ..., stop - 1 are traced")
   k = t.gradient_accumulation_steps
   if not isinstance(k, int) or k < 1:
     raise ConfigError(f"training.gradient_accumulation_steps={k!r} must be a positive int")

@@ -1,11 +1,13 @@
 """`python -m cotir_jax.restore`: restore images with trained or released CoTIR weights (spec §15).
 
     python -m cotir_jax.restore --config configs/cotir_4b.py --weights W --input PATH --out DIR
-        [--prompt TEXT] [--num_steps N] [--seed S] [--max_long_edge PX] [--batch_size B]
+        [--prompt TEXT] [--num_steps N] [--seed S] [--max_long_edge PX] [--batch_size B] [--ema]
 
 W: a training workdir (its newest checkpoint), one checkpoint step, a trainable-weights
 checkpoint of `convert/cotir_to_orbax.py`, a directory holding upstream's `lora.pt` and
-`cot_adapter.pt` (or `.safetensors`), or those two files. The frozen base comes from
+`cot_adapter.pt` (or `.safetensors`), or those two files. `--ema` takes the moving average
+of the weights that a training checkpoint keeps with `training.ema_decay` > 0 (an error for
+any other W). The frozen base comes from
 `model.pretrained`; without it (the tiny configs) it is initialised from `seed` exactly as
 training initialised it.
 
@@ -63,16 +65,13 @@ from cotir_jax import config as config_lib
 from cotir_jax import models, multihost, sharding
 from cotir_jax import sample as sampler
 from cotir_jax.convert import cotir as cotir_files
-from cotir_jax.convert import orbax_io
 from cotir_jax.data import paired
-from cotir_jax.train import objective as obj
 from cotir_jax.train.modules import build_states, build_tokenizers
 from cotir_jax.train.program import configure_compiler
 
 IMAGE_SUFFIXES = paired.IMAGE_SUFFIXES  # upstream inference.py's
 PROMPT_DIRS = {"gen_prompt": "vague", "spe_prompt": "precise"}  # upstream test.py
 RESULTS_DIR, REFERENCE_DIR = "restored", "reference"
-UPSTREAM_FILES = ("lora.pt", "lora.safetensors", "cot_adapter.pt", "cot_adapter.safetensors")
 
 
 class RestoreError(cli.UserError, ValueError):
@@ -304,47 +303,15 @@ def _load(job: Job, max_long_edge: int | None):
   return sampler.resize_bicubic(lq, *hw), (h, w), hq
 
 
-# ----------------------------------------------------------------------------- weights
-
-def read_weights(paths: Sequence[str], targets: dict, family: str) -> dict[str, np.ndarray]:
-  """Flat trainable params (our dotted paths) from any accepted `--weights`, checked against
-  `targets` (the model's trainable state): paths, shapes and every key of the files."""
-  paths = list(paths)
-  if len(paths) == 1 and os.path.isdir(paths[0]):
-    upstream = [os.path.join(paths[0], f) for f in UPSTREAM_FILES
-                if os.path.isfile(os.path.join(paths[0], f))]
-    if not upstream:
-      flat, _ = orbax_io.load_trainable(paths[0])
-      cotir_files.check_trainable(flat, targets, paths[0])
-      return flat
-    paths = upstream
-  lora = adapter = None
-  for p in paths:
-    keys = list(cotir_files.read_tensors(p))
-    if any(k.startswith("cot_adapter.") for k in keys):
-      if adapter is not None:
-        raise RestoreError(f"--weights: two CoT-adapter files, {adapter} and {p}")
-      adapter = p
-    elif lora is not None:
-      raise RestoreError(f"--weights: two LoRA files, {lora} and {p}")
-    else:
-      lora = p
-  lora_t = {k: v for k, v in targets.items() if not k.startswith("cot_adapter.")}
-  adapter_t = {k: v for k, v in targets.items() if k.startswith("cot_adapter.")}
-  if adapter is None:
-    raise RestoreError(f"--weights {paths}: no cot_adapter file (keys cot_adapter.*) among them")
-  if lora_t and lora is None:
-    raise RestoreError(f"--weights {paths}: no lora file, but the config has LoRA "
-                       "(model.lora.enabled)")
-  return cotir_files.import_cotir_params(family, lora_t, adapter_t, lora, adapter)
-
-
 # ----------------------------------------------------------------------------- the model
 
 def inference_model(cfg, model: models.CoTIR) -> models.CoTIR:
   """The model restore samples with: LoRA folded into the base weights only when
-  `model.lora.merge_for_inference` is set (upstream's test configs keep it apart)."""
-  return models.merge_lora(model) if cfg.model.lora.merge_for_inference else model
+  `model.lora.merge_for_inference` is set (upstream's test configs keep it apart), rounded
+  as upstream rounds it under compat="upstream"."""
+  if not cfg.model.lora.merge_for_inference:
+    return model
+  return models.merge_lora(model, upstream=cfg.compat == "upstream")
 
 
 class Restorer:
@@ -368,15 +335,17 @@ class Restorer:
     self._graph = self._state = self._run = None
     self._programs = {}  # the sampler compiled for each batch shape
 
-  def load(self, weights: Sequence[str]) -> None:
-    """Reads the trainable weights into the model; merges its LoRA into the base weights when
+  def load(self, weights: Sequence[str], *, ema: bool = False) -> None:
+    """Reads the trainable weights (`ema`: their moving average from a training checkpoint)
+    into the model; merges its LoRA into the base weights when
     `model.lora.merge_for_inference` is set."""
     if self._base is None:
       raise RuntimeError("weights are loaded already; build the Restorer with reloadable=True")
     multihost.barrier()  # Orbax's reads meet the other processes in a collective
     flat_state = nnx.to_flat_state(self._params)
     targets = {".".join(map(str, path)): var.get_value() for path, var in flat_state}
-    values = read_weights(weights, targets, self.family)
+    values = cotir_files.read_trainable(weights, targets, self.family,
+                                        item="ema" if ema else "params")
     for path, var in flat_state:
       old = var.get_value()
       var.set_value(sharding.global_array(
@@ -411,7 +380,7 @@ class Restorer:
       return sampler.restore_images(
           model, nnx.merge(self.encoder_graphs["vae"], encoders["vae"]), batch["lq"], txt,
           family=family, num_steps=batch["timesteps"].shape[1] - 1, keys=keys, vec=vec,
-          guidance=guidance, timesteps=batch["timesteps"], dtype=obj.input_dtype(cfg.compat))
+          guidance=guidance, timesteps=batch["timesteps"], compat=cfg.compat)
 
     return jax.jit(run, out_shardings=self.batch_sharding)
 
@@ -554,6 +523,9 @@ def _parser() -> cli.ArgumentParser:
   p.add_argument("--weights", nargs="+", required=True,
                  help="training workdir / checkpoint step / cotir_to_orbax output, or upstream "
                       "lora.pt + cot_adapter.pt (two files or their directory)")
+  p.add_argument("--ema", action="store_true",
+                 help="restore with the moving average of the weights that a training "
+                      "checkpoint keeps when training.ema_decay > 0")
   p.add_argument("--input", required=True,
                  help="an image, a directory of images, a test JSONL, a CoTIR-Bench directory or "
                       "a paired layout (CDD-11 split, hq/ + lq/, manifest of lq / hq pairs)")
@@ -595,7 +567,7 @@ def _main(argv: list[str]) -> int:
     print(f"skipped {name}: {reason}", file=sys.stderr)
   configure_compiler(cfg)
   restorer = Restorer(cfg)
-  restorer.load(args.weights)
+  restorer.load(args.weights, ema=args.ema)
   summary = restorer.restore(jobs, num_steps=cfg.inference.num_steps, seed=cfg.inference.seed,
                              batch_size=cfg.inference.batch_size,
                              max_long_edge=cfg.inference.max_long_edge)

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from cotir_jax import config, sample
+from cotir_jax import config, latents, sample
 from cotir_jax.train import checkpoint, metrics, objective, optim
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -385,11 +385,11 @@ def test_dual_step_skipped_for_a_term_without_answers():
 
 def test_flux2_tokens_and_ids():
   lat = jnp.arange(2 * 3 * 4 * 128, dtype=jnp.float32).reshape(2, 3, 4, 128)
-  tok = objective.flux2_tokens(lat)
+  tok = latents.flux2_tokens(lat)
   assert tok.shape == (2, 12, 128)
   np.testing.assert_array_equal(tok[1, 4 * 2 + 3], lat[1, 2, 3])  # row-major (h outer, w inner)
-  np.testing.assert_array_equal(objective.flux2_untokens(tok, 3, 4), lat)
-  tgt, cnd, txt = objective.position_ids(2, (3, 4), 5, "flux2")
+  np.testing.assert_array_equal(latents.flux2_untokens(tok, 3, 4), lat)
+  tgt, cnd, txt = latents.position_ids(2, (3, 4), 5, "flux2")
   assert tgt.shape == (2, 12, 4) and txt.shape == (2, 5, 4)
   np.testing.assert_array_equal(tgt[0, 4 * 2 + 3], [0, 2, 3, 0])
   np.testing.assert_array_equal(cnd[1, 4 * 1 + 0], [10, 1, 0, 0])
@@ -403,16 +403,16 @@ def test_flux1_pack_unpack_matches_einops():
   lat_nchw = rng.normal(size=(2, 16, 6, 8)).astype(np.float32)  # [B, C, H/8, W/8]
   want = einops.rearrange(lat_nchw, "b c (hh ph) (ww pw) -> b (hh ww) (c ph pw)", ph=2, pw=2)
   lat = jnp.asarray(lat_nchw.transpose(0, 2, 3, 1))              # ours: NHWC
-  tok = objective.flux1_pack(lat)
+  tok = latents.flux1_pack(lat)
   np.testing.assert_array_equal(np.asarray(tok), want)
   # channel index c·4 + ph·2 + pw
   assert float(tok[0, 1 * 4 + 2, 5 * 4 + 1 * 2 + 0]) == lat_nchw[0, 5, 2 * 1 + 1, 2 * 2 + 0]
-  np.testing.assert_array_equal(np.asarray(objective.flux1_unpack(tok, 3, 4)), np.asarray(lat))
-  grid = objective.token_grid(lat.shape, "flux1")
+  np.testing.assert_array_equal(np.asarray(latents.flux1_unpack(tok, 3, 4)), np.asarray(lat))
+  grid = latents.token_grid(lat.shape, "flux1")
   assert grid == (3, 4)
-  np.testing.assert_array_equal(objective.tokens_to_latents(objective.image_tokens(lat, "flux1"),
+  np.testing.assert_array_equal(latents.tokens_to_latents(latents.image_tokens(lat, "flux1"),
                                                             grid, "flux1"), lat)
-  tgt, cnd, txt = objective.position_ids(2, grid, 7, "flux1")
+  tgt, cnd, txt = latents.position_ids(2, grid, 7, "flux1")
   np.testing.assert_array_equal(tgt[0, 4 * 2 + 1], [0, 2, 1])
   np.testing.assert_array_equal(cnd[0, 4 * 2 + 1], [1, 2, 1])
   assert txt.shape == (2, 7, 3) and float(jnp.abs(txt).sum()) == 0.0
@@ -447,7 +447,7 @@ def test_compat_casts_to_bf16():
   x_1 = jnp.ones((1, 4, 8), jnp.bfloat16)
   x_t, x_0, t = objective.flow_matching_inputs(jax.random.key(1), x_1, "upstream")
   assert x_0.dtype == jnp.bfloat16 and x_t.dtype == jnp.float32 and t.dtype == jnp.float32
-  ids = objective.position_ids(1, (2, 2), 3, "flux2")
+  ids = latents.position_ids(1, (2, 2), 3, "flux2")
   img, img_ids, txt, txt_ids, ts = objective.model_inputs(x_t, x_1, ids[0], ids[1],
                                                           jnp.ones((1, 3, 5)), ids[2], t, "upstream")
   assert {a.dtype for a in (img, img_ids, txt, txt_ids, ts)} == {jnp.dtype(jnp.bfloat16)}
@@ -600,7 +600,7 @@ def test_euler_sampler_integrates_to_the_conditioning():
     return jnp.concatenate([v, jnp.full_like(c, 1e3)], axis=1)
 
   x_c = jax.random.normal(jax.random.key(3), (2, 6, 8))
-  ids = objective.position_ids(2, (2, 3), 4, "flux2")
+  ids = latents.position_ids(2, (2, 3), 4, "flux2")
   txt = jnp.zeros((2, 4, 5))
   run = jax.jit(lambda key: sample.euler_sample(velocity_fn, x_c, ids[0], ids[1], txt, ids[2],
                                                 num_steps=5, family="flux2", key=key))

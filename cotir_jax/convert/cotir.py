@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from cotir_jax.convert import orbax_io
 from cotir_jax.convert.core import (IDENTITY, ConversionError, Rule, export_params, flat_params,
                                     import_params, linear, rule)
 from cotir_jax.convert.safetensors_io import SafetensorsDir, save_file
@@ -35,6 +36,7 @@ from cotir_jax.convert.safetensors_io import SafetensorsDir, save_file
 HEADS = ("degradation", "sharpness", "planning")
 LORA_FILE, ADAPTER_FILE = "lora", "cot_adapter"
 FORMATS = ("pt", "safetensors")
+UPSTREAM_FILES = tuple(f"{name}.{fmt}" for name in (LORA_FILE, ADAPTER_FILE) for fmt in FORMATS)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -321,6 +323,55 @@ def upstream_shapes(cfg_model) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
+# ----------------------------------------------------------------------------- any source
+
+def read_trainable(paths: Sequence[str], targets: Mapping[str, object], family: str, *,
+                   item: str = orbax_io.PARAMS_ITEM, what: str = "--weights") -> dict[str, np.ndarray]:
+  """Flat trainable params (our dotted paths) from any accepted source, checked against
+  `targets` (the model's trainable state: dotted path → array or ShapeDtypeStruct): paths,
+  shapes and every key of the files. `what` names the source in messages (a flag or a field).
+
+  Sources: a training workdir (its newest checkpoint) or one of its step directories, a
+  trainable-weights checkpoint of `cotir_to_orbax`, a directory holding upstream's `lora.pt`
+  and `cot_adapter.pt` (or `.safetensors`), or those two files. `item="ema"` reads the
+  moving average a training checkpoint keeps with `training.ema_decay` > 0 instead.
+  """
+  paths = list(paths)
+  for p in paths:
+    if not os.path.exists(p):
+      raise ConversionError(f"{what} {p!r} does not exist")
+  if len(paths) == 1 and os.path.isdir(paths[0]):
+    upstream = [os.path.join(paths[0], f) for f in UPSTREAM_FILES
+                if os.path.isfile(os.path.join(paths[0], f))]
+    if not upstream:
+      flat, _ = orbax_io.load_trainable(paths[0], item)
+      check_trainable(flat, targets, paths[0])
+      return flat
+    paths = upstream
+  if item != orbax_io.PARAMS_ITEM:
+    raise ConversionError(f"{what} {paths}: upstream's files hold no {item!r} weights; only a "
+                          "training checkpoint of a run with training.ema_decay > 0 does")
+  lora = adapter = None
+  for p in paths:
+    keys = list(read_tensors(p))
+    if any(k.startswith("cot_adapter.") for k in keys):
+      if adapter is not None:
+        raise ConversionError(f"{what}: two CoT-adapter files, {adapter} and {p}")
+      adapter = p
+    elif lora is not None:
+      raise ConversionError(f"{what}: two LoRA files, {lora} and {p}")
+    else:
+      lora = p
+  lora_t = {k: v for k, v in targets.items() if not k.startswith("cot_adapter.")}
+  adapter_t = {k: v for k, v in targets.items() if k.startswith("cot_adapter.")}
+  if adapter is None:
+    raise ConversionError(f"{what} {paths}: no cot_adapter file (keys cot_adapter.*) among them")
+  if lora_t and lora is None:
+    raise ConversionError(f"{what} {paths}: no lora file, but the config has LoRA "
+                          "(model.lora.enabled)")
+  return import_cotir_params(family, lora_t, adapter_t, lora, adapter)
+
+
 # ----------------------------------------------------------------------------- Orbax
 
 def _abstract_model(cfg):
@@ -332,6 +383,9 @@ def check_trainable(params: Mapping[str, object], targets: Mapping[str, object],
   """Same paths and shapes as the model's trainable state; errors name the key and shapes."""
   missing = sorted(set(targets) - set(params))
   unexpected = sorted(set(params) - set(targets))
+  if missing and not any(".lora." in k for k in params) and all(".lora." in k for k in missing):
+    raise ConversionError(f"{source}: holds no LoRA weights, but the config has LoRA "
+                          "(model.lora.enabled)")
   if missing:
     raise ConversionError(f"{source}: missing key(s) {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
   if unexpected:
@@ -347,7 +401,6 @@ def cotir_to_orbax(lora_path: str | None, adapter_path: str | None, cfg, out: st
                    overwrite: bool = False) -> dict[str, np.ndarray]:
   """Upstream `lora.pt` + `cot_adapter.pt` → trainable-weights Orbax checkpoint (layout in
   `orbax_io`), in the dtypes of the config's trainable variables. Returns the flat params."""
-  from cotir_jax.convert import orbax_io
   from cotir_jax import models
   model = _abstract_model(cfg)
   lora_t, adapter_t = trainable_targets(model)
@@ -365,14 +418,14 @@ def cotir_to_orbax(lora_path: str | None, adapter_path: str | None, cfg, out: st
 
 
 def orbax_to_cotir(checkpoint: str, out_dir: str, fmt: str = "pt", dtype=jnp.bfloat16,
-                   cfg=None) -> dict[str, str]:
+                   cfg=None, *, ema: bool = False) -> dict[str, str]:
   """Trainable params of a training / `cotir_to_orbax` checkpoint → upstream files.
 
-  With `cfg`, paths and shapes are checked against that config's model first.
+  With `cfg`, paths and shapes are checked against that config's model first. `ema`: export
+  the moving average of the weights a training checkpoint keeps (`training.ema_decay` > 0).
   """
-  from cotir_jax.convert import orbax_io
   from cotir_jax import models
-  params, _ = orbax_io.load_trainable(checkpoint)
+  params, _ = orbax_io.load_trainable(checkpoint, orbax_io.EMA_ITEM if ema else orbax_io.PARAMS_ITEM)
   if cfg is not None:
     check_trainable(params, flat_params(nnx.state(_abstract_model(cfg), models.TRAINABLE)),
                     checkpoint)

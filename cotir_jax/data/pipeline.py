@@ -74,14 +74,14 @@ def data_dir(cfg) -> Path:
 
 
 def source_dir(cfg) -> Path:
-  """The folder the configured source reads: data.tfds_data_dir for an ArrayRecord build when
-  set, else data.data_dir. A missing one raises FileNotFoundError naming the field (callers
-  check it before they write anything)."""
+  """What the configured source reads: data.tfds_data_dir for an ArrayRecord build when set,
+  else data.data_dir (a folder, or a paired layout's JSONL manifest). A missing one raises
+  FileNotFoundError naming the field (callers check it before they write anything)."""
   field = "data.tfds_data_dir" if (_get(cfg, "data.source", "tar") == "array_record"
                                    and _get(cfg, "data.tfds_data_dir", None)) else "data.data_dir"
   path = Path(_get(cfg, field, "")).expanduser() if field != "data.data_dir" else data_dir(cfg)
-  if not path.is_dir():
-    raise FileNotFoundError(f"{field}={str(path)!r} is not a directory")
+  if not path.exists():
+    raise FileNotFoundError(f"{field}={str(path)!r} does not exist")
   return path
 
 

@@ -108,21 +108,30 @@ class Dense(nnx.Module):
     return y.astype(self.dtype)
 
 
-def merge_lora(model: nnx.Module) -> nnx.Module:
-  """Folds every LoRA into its base weights in float32 (W += s·A B, b += s·b_B) and drops it.
+def merge_lora(model: nnx.Module, *, upstream: bool = False) -> nnx.Module:
+  """Folds every LoRA into its base weights (W += s·A B, b += s·b_B) and drops it.
 
+  The update is computed in float32 at full precision and added in float32, one rounding to
+  the weights' dtype; `upstream=True` rounds the update to that dtype first and then adds it,
+  as upstream's `_merge_lora_into_base` does (`W.add_(delta.to(W.dtype))`).
   Works on stacked (scanned) layers too: leading axes are batch axes of the product.
   Bias-free layers get a bias, as upstream's `_merge_lora_into_base` creates one (unless the
   LoRA has no bias either).
   """
+  def add(w, delta):
+    if upstream:
+      delta = delta.astype(w.dtype)
+    return (w.astype(jnp.float32) + delta.astype(jnp.float32)).astype(w.dtype)
+
   for _, module in nnx.iter_graph(model):
     if isinstance(module, Dense) and module.lora is not None:
       lora = module.lora
       a = lora.a[...].astype(jnp.float32)
       b = lora.b[...].astype(jnp.float32)
-      delta = lora.scale * jnp.einsum("...ir,...ro->...io", a, b)
+      delta = lora.scale * jnp.einsum("...ir,...ro->...io", a, b,
+                                      precision=jax.lax.Precision.HIGHEST)
       kernel = module.kernel[...]
-      module.kernel[...] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+      module.kernel[...] = add(kernel, delta)
       if lora.b_bias is not None:
         b_bias = lora.scale * lora.b_bias[...].astype(jnp.float32)
         if module.bias is None:
@@ -130,8 +139,7 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
           module.bias = nnx.data(param(b_bias.astype(kernel.dtype),
                                        (axes[:-2] + axes[-1:]) if axes else None))
         else:
-          bias = module.bias[...]
-          module.bias[...] = (bias.astype(jnp.float32) + b_bias).astype(bias.dtype)
+          module.bias[...] = add(module.bias[...], b_bias)
       module.lora = None
   return model
 

@@ -30,6 +30,7 @@ from cotir_jax.train import preflight
 from cotir_jax.train import workdir as wd
 from cotir_jax.train.checkpoint import Checkpointer
 from cotir_jax.train.metrics import MetricsWriter
+from cotir_jax.train.profiler import StepProfiler
 
 log = logging.getLogger("cotir_jax.train")
 
@@ -49,6 +50,20 @@ def _grid(images) -> np.ndarray:
   return np.concatenate(rows, axis=0)
 
 
+def _start_note(step: int, total: int, saved_by: int | None, init_from: str | None) -> str:
+  """How the run starts; `saved_by`: the process count of the run that wrote the checkpoint it
+  resumes (None: a new run)."""
+  if saved_by is not None:
+    now = jax.process_count()
+    head = (f"resuming at step {step}" if saved_by == now else
+            f"resumed a {saved_by}-process run on {now} process{'es' if now > 1 else ''} at step "
+            f"{step}")
+    return f"{head} of {total}" + (
+        " (training.init_from unused: a resumed run continues from its own checkpoint)"
+        if init_from else "")
+  return f"starting at step 0 of {total}" + (f", initialised from {init_from}" if init_from else "")
+
+
 def train(cfg, workdir: str, *, take_over_lock: bool = False) -> dict:
   """Runs (or resumes) training in `workdir`; returns a summary (steps, compiles per stage).
 
@@ -64,17 +79,14 @@ def _train(cfg, workdir: str, start: preflight.Startup) -> dict:
   lead = jax.process_index() == 0
   prog, data_state = start.prog, start.data_state
   ckpt = Checkpointer(workdir, max_to_keep=cfg.training.checkpoints_total_limit)
-  state = ckpt.restore(prog.state, start.meta["step"])["state"] if start.meta else prog.init_state()
+  if start.meta:
+    state = ckpt.restore(prog.state, start.meta["step"])["state"]
+    saved_by = data_state["process_count"] if data_state else jax.process_count()
+  else:
+    state, saved_by = prog.init_state(cfg.training.init_from), None
   frozen = prog.init_frozen()
   step = int(state["step"])
   total = int(cfg.training.iterations[-1])
-  resumed = "starting at step 0"
-  if start.meta:
-    now = jax.process_count()
-    saved_by = data_state["process_count"] if data_state else now
-    resumed = (f"resuming at step {step}" if saved_by == now else
-               f"resumed a {saved_by}-process run on {now} process{'es' if now > 1 else ''} "
-               f"at step {step}")
 
   n_train = _count(prog.state["params"])
   n_params = n_train + _count(prog.frozen)
@@ -86,7 +98,8 @@ def _train(cfg, workdir: str, start: preflight.Startup) -> dict:
           + f"; attention {prog.attention_summary}"
           + f"; parameters {n_params:,} total / {n_train:,} trainable; state + frozen weights "
           f"{mem / 2**20:.1f} MiB per device; "
-          + f"{resumed} of {total}; workdir {start.disk_free / 2**30:.1f} GiB free"
+          + _start_note(step, total, saved_by, cfg.training.init_from)
+          + f"; workdir {start.disk_free / 2**30:.1f} GiB free"
           + (f"; config changed since the checkpoint: {'; '.join(map(str, start.config_changes))}"
              if start.config_changes else ""), flush=True)
     for note in pipeline.data_notes(cfg, start.source, start.bank):
@@ -100,6 +113,7 @@ def _train(cfg, workdir: str, start: preflight.Startup) -> dict:
   writer = MetricsWriter(workdir, start_step=step, report_to=cfg.report_to,
                          project=cfg.project_name, config=cfg.to_dict(), is_lead=lead)
   bar = tqdm(total=total, initial=step, disable=not lead, desc="train", dynamic_ncols=True)
+  profiler = StepProfiler(cfg.training.profile_steps, workdir)
 
   def run_data_state(it):  # one process-independent position: resumable on any process count
     return pipeline.merge_states(multihost.all_gather(it.get_state()))
@@ -130,6 +144,7 @@ def _train(cfg, workdir: str, start: preflight.Startup) -> dict:
         multihost.barrier()  # start together: hosts compile at their own pace
         t_last, n_since, logged_at = time.perf_counter(), 0, step
         while step < stage_end:
+          profiler.at(step, state)
           local = next(it)
           meta = local.pop("meta")
           batch = prog.place_batch(local, stage)
@@ -143,7 +158,7 @@ def _train(cfg, workdir: str, start: preflight.Startup) -> dict:
             val = {k: v[:prog.val_rows(stage)] for k, v in local.items()}
             if jax.process_count() > 1:
               val = multihost_utils.broadcast_one_to_all(val)
-            images, scores = validate(state["params"], frozen, prog.place_batch(val))
+            images, scores = validate(state[prog.val_weights], frozen, prog.place_batch(val))
             scores = {k: float(np.mean(v)) for k, v in jax.device_get(scores).items()}
             if lead:
               grid = _grid(images)
@@ -182,6 +197,7 @@ def _train(cfg, workdir: str, start: preflight.Startup) -> dict:
         data_state = run_data_state(it)
         it.close()
   finally:
+    profiler.close()
     bar.close()
     writer.close()
     ckpt.close()

@@ -2,7 +2,7 @@
 
 Whatever can differ between the hosts of a slice -- the workdir (mounted? writable? room for
 two checkpoints?), the checkpoint on it and the config against it, the data layout, the
-tokenizer and base-model paths, whether the global batches split over this run's processes --
+tokenizer, base-model and init_from paths, whether the global batches split over this run's processes --
 is checked on every process before any of them enters a collective (an Orbax barrier, a jitted
 initialiser spanning hosts) or takes the workdir's lock. A process collects its failures instead
 of raising at the first (the quick checks first; the slow ones and the workdir's creation only
@@ -17,6 +17,7 @@ waiting in a collective for a process that has exited until the heartbeat timeou
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 
@@ -79,6 +80,7 @@ def run(cfg, workdir: str) -> Startup:
   if source is not None:
     bank = attempt(pipeline.make_prompt_bank, cfg, source)
   attempt(_check_batch_split, cfg, meta, data_state)
+  attempt(_check_init_from, cfg, meta)
   prog = tokenizers = free = None
   if not failures:  # what takes seconds, and what creates the workdir: for a run that can start
     configure_compiler(cfg, workdir)
@@ -111,6 +113,14 @@ def _check_resume(cfg, meta) -> None:
     raise wd.WorkdirError(f"resume='never', but {meta['directory']} holds the checkpoint of step "
                           f"{meta['step']}; train in a new --workdir, or resume='latest' to "
                           "continue from it")
+
+
+def _check_init_from(cfg, meta) -> None:
+  """A new run's `training.init_from` paths (one, or two joined by a comma) must exist here."""
+  if meta is None and cfg.training.init_from:
+    for path in (p.strip() for p in cfg.training.init_from.split(",")):
+      if not os.path.exists(path):
+        raise FileNotFoundError(f"training.init_from: {path!r} does not exist")
 
 
 def _check_batch_split(cfg, meta, data_state) -> None:

@@ -1,9 +1,9 @@
 """The training step as one pure function (design decisions 1, 5): frozen encoders on device →
 flow-matching CoTIR losses → one primal-dual optax update.
 
-The state is `{"params", "lambdas", "opt_state", "step", "rng", "nonfinite_step"}`; `params` is
-the trainable `nnx.State` (LoRA + adapter), frozen weights travel separately and get no
-gradient. Every random draw of a sample (prompt choice, t, noise) comes from its own key,
+The state is `{"params", "lambdas", "opt_state", "step", "rng", "nonfinite_step"}` (plus
+`"ema"` with `training.ema_decay` > 0, see `ema.py`); `params` is the trainable `nnx.State`
+(LoRA + adapter), frozen weights travel separately and get no gradient. Every random draw of a sample (prompt choice, t, noise) comes from its own key,
 `split(fold_in(rng, step), global_batch)[row]`: a resumed run draws exactly what an
 uninterrupted one does, and the draws do not depend on how the batch is split over processes
 or into micro-batches.
@@ -29,8 +29,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from cotir_jax import sharding
+from cotir_jax import latents, sharding
 from cotir_jax.data.decode import ANSWER_MASK
+from cotir_jax.train import ema
 from cotir_jax.train import objective as obj
 from cotir_jax.train import optim
 
@@ -76,7 +77,7 @@ def prepare(cfg, graphs: Graphs, frozen: dict, batch: dict, use_gen: jax.Array) 
     lat = vae.encode(pairs.reshape(-1, *pairs.shape[2:]))
     lat = lat.reshape(pairs.shape[0], 2, *lat.shape[1:])
     lat_hq, lat_lq = lat[:, 0], lat[:, 1]
-  x_1, x_c = obj.image_tokens(lat_hq, family), obj.image_tokens(lat_lq, family)
+  x_1, x_c = latents.image_tokens(lat_hq, family), latents.image_tokens(lat_lq, family)
   pick = lambda gen, spe: jnp.where(use_gen.reshape(-1, *([1] * (gen.ndim - 1))), gen, spe)
   name = text_key(family)
   ids = jnp.concatenate([pick(batch[f"gen_{name}_ids"], batch[f"spe_{name}_ids"])]
@@ -97,7 +98,7 @@ def prepare(cfg, graphs: Graphs, frozen: dict, batch: dict, use_gen: jax.Array) 
       vec = clip(pick(batch["gen_clip_ids"], batch["spe_clip_ids"]))
   x_1, x_c, txt, s, d, pl, vec = jax.lax.stop_gradient(
       obj.cast_inputs((x_1, x_c, txt, s, d, pl, vec), compat))
-  return Prepared(x_1=x_1, x_c=x_c, grid=obj.token_grid(lat_hq.shape, family), txt=txt,
+  return Prepared(x_1=x_1, x_c=x_c, grid=latents.token_grid(lat_hq.shape, family), txt=txt,
                   targets={"s": s, "d": d, "p": pl}, vec=vec)
 
 
@@ -139,6 +140,7 @@ def make_train_step(cfg, graphs: Graphs, tx: optax.GradientTransformation, prepa
   deltas = obj.deltas_from_config(cfg)
   lr_logged = optim.lr_unfloored(cfg)
   k = int(cfg.training.gradient_accumulation_steps)
+  ema_decay = float(cfg.training.ema_decay)
 
   def grads_and_aux(params, frozen, batch, keys, p_gen, lambdas, norms):
     """Gradient and loss terms of one (micro-)batch whose rows draw from `keys`; `norms` [3]:
@@ -148,7 +150,7 @@ def make_train_step(cfg, graphs: Graphs, tx: optax.GradientTransformation, prepa
     inp = prepare_inputs(cfg, graphs, frozen, batch, use_gen)
     b = inp.x_1.shape[0]
     x_t, x_0, t = obj.flow_matching_inputs(k_fm, inp.x_1, compat)
-    ids_tgt, ids_cnd, txt_ids = obj.position_ids(b, inp.grid, inp.txt.shape[1], family)
+    ids_tgt, ids_cnd, txt_ids = latents.position_ids(b, inp.grid, inp.txt.shape[1], family)
     img, img_ids, txt, txt_ids, t_in = obj.model_inputs(x_t, inp.x_c, ids_tgt, ids_cnd, inp.txt,
                                                         txt_ids, t, compat)
     guidance = guidance_for(cfg, b)
@@ -201,6 +203,8 @@ def make_train_step(cfg, graphs: Graphs, tx: optax.GradientTransformation, prepa
                "lr": lr_logged(step), "use_gen_prob": p_gen,
                "grad_norm": optim.grad_norm(opt_state)}
     state = {**state, **new, "opt_state": opt_state, "step": step + 1}
+    if ema_decay:
+      state["ema"] = ema.update(state["ema"], new["params"], ema_decay, step)
     return state, metrics
 
   return guard_nonfinite(train_step)
