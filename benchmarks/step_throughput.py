@@ -235,18 +235,20 @@ def build_torch(cfg, frozen_model, params, device, dtype):
   from cotir_jax.convert.core import export_params, flat_params
   from cotir_jax.convert.cotir import export_cotir_params
   from cotir_jax.convert.flux import transformer_rules
-  m = cfg.model
+  from cotir_jax.models import ModelSpec
+  spec = ModelSpec.from_config(cfg.model)
   with torch.device("meta"):
     model = TorchCoTIR(cfg)
   shapes = {k: tuple(v.shape) for k, v in model.backbone.state_dict().items()}
-  rules = transformer_rules(m.family, guidance_embed=bool(m.guidance_embed), prefix="backbone.")
+  rules = transformer_rules(spec, prefix="backbone.")
   base = export_params(rules, flat_params(frozen_model), shapes)
   to_torch = lambda d, dt: {k: torch.from_numpy(np.asarray(v, np.float32)).to(device, dt)
                             for k, v in d.items()}
   model.backbone.load_state_dict(to_torch(base, dtype), strict=True, assign=True)
   model.cot_adapter.to_empty(device=device)  # filled with our weights below
   model.add_lora(m.lora.rank, m.lora.scale)
-  lora, adapter = export_cotir_params({k: v for k, v in flat_params(params).items()}, dtype=None)
+  lora, adapter = export_cotir_params({k: v for k, v in flat_params(params).items()}, spec,
+                                      dtype=None)
   trainable = {**model.lora_state_names(lora), **adapter}
   model.load_trainable(to_torch(trainable, torch.float32))
   left = [k for k, v in model.state_dict().items() if v.is_meta]

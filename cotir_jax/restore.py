@@ -265,7 +265,8 @@ def _load(job: Job, max_long_edge: int | None):
 
 # ----------------------------------------------------------------------------- weights
 
-def read_weights(paths: Sequence[str], targets: dict, family: str) -> dict[str, np.ndarray]:
+def read_weights(paths: Sequence[str], targets: dict, spec: models.ModelSpec
+                 ) -> dict[str, np.ndarray]:
   """Flat trainable params (our dotted paths) from any accepted `--weights`, checked against
   `targets` (the model's trainable state): paths, shapes and every key of the files."""
   paths = list(paths)
@@ -295,7 +296,7 @@ def read_weights(paths: Sequence[str], targets: dict, family: str) -> dict[str, 
   if lora_t and lora is None:
     raise RestoreError(f"--weights {paths}: no lora file, but the config has LoRA "
                        "(model.lora.enabled)")
-  return cotir_files.import_cotir_params(family, lora_t, adapter_t, lora, adapter)
+  return cotir_files.import_cotir_params(spec, lora_t, adapter_t, lora, adapter)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -326,7 +327,7 @@ class Restorer:
       raise RuntimeError("weights are loaded already; build the Restorer with reloadable=True")
     flat_state = nnx.to_flat_state(self._params)
     targets = {".".join(map(str, path)): var.get_value() for path, var in flat_state}
-    values = read_weights(weights, targets, self.family)
+    values = read_weights(weights, targets, models.ModelSpec.from_config(self.cfg.model))
     for path, var in flat_state:
       old = var.get_value()
       var.set_value(jax.device_put(np.asarray(values[".".join(map(str, path))]).astype(old.dtype),

@@ -203,10 +203,9 @@ def _module_builder(kind: str, config: dict, *, source: str, param_dtype, comput
 def _rules(kind: str, our_cfg, keys, config: dict, from_bfl: bool = False):
   """(rule table, ignore patterns) of one module kind (a transformer in BFL or diffusers names)."""
   if kind == "transformer" and from_bfl:
-    return bfl.transformer_rules(our_cfg.family, guidance_embed=our_cfg.guidance_embed,
-                                 key_prefix=bfl.key_prefix(keys)), ()
+    return bfl.transformer_rules(our_cfg, key_prefix=bfl.key_prefix(keys)), ()
   if kind == "transformer":
-    return transformer_rules(our_cfg.family, guidance_embed=our_cfg.guidance_embed), ()
+    return transformer_rules(our_cfg), ()
   if kind == "vae":
     from cotir_jax.convert.vae import IGNORE, vae_rules
     return vae_rules(our_cfg), IGNORE

@@ -172,14 +172,17 @@ def resolve_trainable(path: str) -> tuple[str, tuple[str, ...]]:
 
 
 def load_trainable(path: str) -> tuple[dict[str, np.ndarray], dict]:
-  """(flat dotted-path → numpy params, meta dict) from any directory `resolve_trainable` accepts."""
+  """(flat dotted-path → numpy params, meta dict) from any directory `resolve_trainable` accepts.
+
+  The meta is `cotir.json`'s, or a training step's (`config`, `step`, ...)."""
   tree_dir, keys = resolve_trainable(path)
   tree = restore_tree(tree_dir, keys=keys or None)
   for k in keys:
     tree = tree[k]
   meta = {}
-  for candidate in (os.path.dirname(tree_dir), path):
-    f = os.path.join(candidate, META_FILE)
+  step_meta = os.path.join(os.path.dirname(tree_dir), "meta", "metadata")  # a training step's
+  for f in ([step_meta] if keys else []) + [os.path.join(c, META_FILE)
+                                            for c in (os.path.dirname(tree_dir), path)]:
     if os.path.isfile(f):
       with open(f) as fh:
         meta = json.load(fh)
