@@ -53,7 +53,6 @@ from cotir_jax import config as config_lib
 from cotir_jax import models, sharding
 from cotir_jax import sample as sampler
 from cotir_jax.convert import cotir as cotir_files
-from cotir_jax.convert import orbax_io
 from cotir_jax.convert.core import ConversionError
 from cotir_jax.train import objective as obj
 from cotir_jax.train.modules import build_states, build_tokenizers
@@ -274,7 +273,7 @@ def read_weights(paths: Sequence[str], targets: dict, spec: models.ModelSpec
     upstream = [os.path.join(paths[0], f) for f in UPSTREAM_FILES
                 if os.path.isfile(os.path.join(paths[0], f))]
     if not upstream:
-      flat, _ = orbax_io.load_trainable(paths[0])
+      flat, _ = cotir_files.read_trainable(paths[0], spec)
       cotir_files.check_trainable(flat, targets, paths[0])
       return flat
     paths = upstream

@@ -1,6 +1,7 @@
 """Upstream CoTIR `lora.pt` / `cot_adapter.pt` ↔ our CoTIR: full-size table coverage, tiny
 import reproducing the forward, bit-exact round trips, Orbax trainable checkpoints, errors."""
 
+import json
 import os
 import subprocess
 import sys
@@ -292,6 +293,41 @@ def test_cli_round_trip_through_orbax(tmp_path):
     sd = torch.load(tmp_path / "back" / f, weights_only=True)
     assert sorted(sd) == sorted(ref)
     assert all(torch.equal(sd[k], ref[k]) for k in ref)
+
+
+def test_checkpoints_from_before_head_groups_convert_on_load(tmp_path):
+  """A training checkpoint written when the fused projections' parts lay side by side (no
+  `fused_layout` in its meta) restores in our layout, its optimizer moments too, and exports
+  the upstream files it was trained from."""
+  cfg, model = _tiny("tiny")
+  lora, adapter, paths = _upstream_files(cfg, tmp_path)
+  convert.load_cotir_weights(model, *paths)
+  ours = flat_params(nnx.state(model, models.TRAINABLE))
+  fused = {r.ours: r.transform.regroups for r in C.cotir_rules(model.backbone.spec)
+           if r.transform.regroups}
+  assert len(fused) == 6  # LoRA: linear1 b, b_bias, linear2 a; adapter: linear1 (2), linear2
+  old = dict(ours)
+  for path, regroups in fused.items():
+    for layout, axis in reversed(regroups):
+      old[path] = layout.to_parts(old[path], axis, jnp)
+  from cotir_jax.convert.orbax_io import flatten, nest
+  from cotir_jax.train.checkpoint import Checkpointer
+  state = lambda flat: {"params": nest(flat), "opt_state": {"mu": nest(flat)}, "step": jnp.int32(3)}
+  with Checkpointer(tmp_path / "work", async_save=False) as ck:
+    ck.save(3, state(old))
+  meta_file = tmp_path / "work" / "checkpoints" / "3" / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  assert meta.pop("fused_layout") == "head_groups"
+  meta_file.write_text(json.dumps(meta))
+  with Checkpointer(tmp_path / "work", async_save=False) as ck:
+    restored = ck.restore(state(ours))["state"]
+  for tree in (restored["params"], restored["opt_state"]["mu"]):
+    for path, value in flatten(tree).items():
+      np.testing.assert_array_equal(np.asarray(value), np.asarray(ours[path]), err_msg=path)
+  convert.orbax_to_cotir(str(tmp_path / "work"), str(tmp_path / "x"), dtype=None)
+  back = C.read_tensors(str(tmp_path / "x" / "cot_adapter.pt"))
+  for k, v in adapter.items():
+    np.testing.assert_array_equal(np.asarray(back[k]).astype(np.float32), _np(v), err_msg=k)
 
 
 def test_reads_training_checkpoints(tmp_path):

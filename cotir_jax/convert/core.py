@@ -30,10 +30,12 @@ class Transform:
   """`to_ours(ref_arrays, xp) -> our array`; `to_ref(our_array, ref_shapes, xp) -> ref arrays`.
 
   `xp` is numpy for real conversion and jax.numpy for shape-only checks (under eval_shape).
+  `regroups`: the (FusedLayout, axis) pairs `to_ours` ends with (see `regroup`).
   """
   name: str
   to_ours: Callable
   to_ref: Callable
+  regroups: tuple = ()
 
 
 def _split_rows(x, shapes, xp):
@@ -75,7 +77,8 @@ def regroup(t: Transform, layout, axis: int) -> Transform:
     x = t.to_ours(a, xp)
     return layout.from_parts(x, axis, xp) if x.shape[axis] == sum(layout.sizes) else x
   return Transform(f"{t.name}+groups{layout.groups}{list(layout.sizes)}@{axis}", to_ours,
-                   lambda x, s, xp: t.to_ref(layout.to_parts(x, axis, xp), s, xp))
+                   lambda x, s, xp: t.to_ref(layout.to_parts(x, axis, xp), s, xp),
+                   t.regroups + ((layout, axis),))
 
 
 @dataclasses.dataclass(frozen=True)

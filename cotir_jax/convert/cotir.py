@@ -34,6 +34,7 @@ from flax import nnx
 from cotir_jax.convert.core import (IDENTITY, LINEAR, ConversionError, Rule, export_params,
                                     flat_params, import_params, linear, regroup, rule)
 from cotir_jax.convert.safetensors_io import SafetensorsDir, save_file
+from cotir_jax.models.layers import FUSED_LAYOUT
 from cotir_jax.models.spec import ModelSpec
 
 HEADS = ("degradation", "sharpness", "planning")
@@ -346,7 +347,8 @@ def cotir_to_orbax(lora_path: str | None, adapter_path: str | None, cfg, out: st
     raise ConversionError("a cot_adapter file is required")
   params = import_cotir_params(model.backbone.spec, lora_t, adapter_t, lora_path, adapter_path)
   check_trainable(params, flat_params(nnx.state(model, models.TRAINABLE)), "cotir_to_orbax")
-  meta = {"family": cfg.model.family, "sources": {"lora": lora_path, "cot_adapter": adapter_path},
+  meta = {"family": cfg.model.family, "fused_layout": FUSED_LAYOUT,
+          "sources": {"lora": lora_path, "cot_adapter": adapter_path},
           "dtypes": sorted({str(v.dtype) for v in params.values()}),
           "config": json.loads(cfg.to_json_best_effort())}
   orbax_io.save_trainable(out, params, meta, overwrite=overwrite)
@@ -359,15 +361,11 @@ def orbax_to_cotir(checkpoint: str, out_dir: str, fmt: str = "pt", dtype=jnp.bfl
 
   With `cfg`, paths and shapes are checked against that config's model first.
   """
-  from cotir_jax.convert import orbax_io
   from cotir_jax import models
-  params, _ = orbax_io.load_trainable(checkpoint)
-  if cfg is not None:
-    model = _abstract_model(cfg)
+  model = _abstract_model(cfg) if cfg is not None else None
+  params, spec = read_trainable(checkpoint, None if model is None else model.backbone.spec)
+  if model is not None:
     check_trainable(params, flat_params(nnx.state(model, models.TRAINABLE)), checkpoint)
-    spec = model.backbone.spec
-  else:
-    spec = spec_of_trainable(params, checkpoint)
   return write_cotir_files(params, spec, out_dir, fmt, dtype)
 
 
@@ -394,6 +392,36 @@ def spec_of_trainable(params: Mapping[str, object], source: str) -> ModelSpec:
     raise ConversionError(f"{source}: cannot tell the model's widths from its weights; give "
                           "its --config")
   return spec
+
+
+def regroup_side_by_side(arrays: Mapping[str, object], spec: ModelSpec, xp=np) -> dict:
+  """Trainable arrays written when the fused projections' parts lay side by side (a checkpoint
+  without `fused_layout`) → ours: every array whose dotted path (a trailing `.value` aside)
+  ends with the path of such a parameter, which also catches the optimizer moments that mirror
+  it; the other arrays as they are."""
+  fused = {r.ours: r.transform.regroups for r in cotir_rules(spec) if r.transform.regroups}
+  out = {}
+  for path, x in arrays.items():
+    key = path[:-len(".value")] if path.endswith(".value") else path
+    for ours, regroups in fused.items():
+      if key == ours or key.endswith("." + ours):
+        for layout, axis in regroups:
+          x = layout.from_parts(x, axis, xp)
+        break
+    out[path] = x
+  return out
+
+
+def read_trainable(path: str, spec: ModelSpec | None = None) -> tuple[dict[str, np.ndarray], ModelSpec]:
+  """(our trainable params, the `ModelSpec` of their layouts) from any checkpoint
+  `orbax_io.load_trainable` reads; one written before the fused projections were grouped by
+  head is converted. `spec`: the model's (default: read from the weights' shapes)."""
+  from cotir_jax.convert import orbax_io
+  params, meta = orbax_io.load_trainable(path)
+  spec = spec or spec_of_trainable(params, path)
+  if meta.get("fused_layout") != FUSED_LAYOUT:
+    params = regroup_side_by_side(params, spec)
+  return params, spec
 
 
 def family_of(paths) -> str:

@@ -14,7 +14,7 @@ from, and `convert/orbax_to_cotir.py` reads):
 
     <dir>/params/      Orbax PyTree: the nested dict of nnx.state(model, models.TRAINABLE)
                        (LoRA a [.., in, r], b [.., r, out], b_bias; the whole `cot_adapter`)
-    <dir>/cotir.json   {"format", "family", "dtype", "sources", "config"}
+    <dir>/cotir.json   {"format", "family", "fused_layout", "dtype", "sources", "config"}
 
 `load_trainable(path)` also reads training checkpoints: a step directory holding an Orbax item
 `params` (that tree) or an item `state` whose tree has a `params` key (only that subtree is

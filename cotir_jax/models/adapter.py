@@ -15,9 +15,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from cotir_jax.models.layers import (HIDDEN, TOKENS, Dense, FusedLayout, LastLayer, Modulation,
-                                     QKNorm, attention, gelu_tanh, heads, modulate, param,
-                                     scan_blocks, stack_blocks)
+from cotir_jax.models.layers import (FUSED, TOKENS, Dense, FusedLayout, LastLayer, Modulation,
+                                     QKNorm, attention, gelu_tanh, modulate, param, scan_blocks,
+                                     stack_blocks, to_heads)
 from cotir_jax.sharding import constrain
 from cotir_jax.models.spec import ModelSpec
 
@@ -48,10 +48,10 @@ class CoTIRBlock(nnx.Module):
     z = modulate(jnp.concatenate([x, img], axis=1), sh, sc)
     # q and the MLP input for the text rows, k and v for every row
     q, m = layout.subset((0, 3)).split(constrain(
-        self.linear1(z[:, :n_txt], cols=lambda w: layout.take(w, (0, 3))), HIDDEN))
+        self.linear1(z[:, :n_txt], cols=lambda w: layout.take(w, (0, 3))), FUSED))
     k, v = layout.subset((1, 2)).split(constrain(
-        self.linear1(z, cols=lambda w: layout.take(w, (1, 2))), HIDDEN))
-    q, k, v = (heads(t, self.num_heads) for t in (q, k, v))
+        self.linear1(z, cols=lambda w: layout.take(w, (1, 2))), FUSED))
+    q, k, v = (to_heads(t, self.num_heads) for t in (q, k, v))
     q, k = self.norm(q, k, v)
     cos, sin = rope
     a = attention(q, k, v, rope, self.attention, q_rope=(cos[:, :n_txt], sin[:, :n_txt]))

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cotir_jax.models.layers import (HIDDEN, TOKENS, Dense, FusedLayout, LastLayer, MLPEmbedder,
-                                     Modulation, QKNorm, attention, gelu_tanh, heads, modulate,
-                                     rope_angles, rope_cos_sin, scan_blocks, stack_blocks, swiglu,
-                                     timestep_embedding)
+from cotir_jax.models.layers import (FUSED, HIDDEN, TOKENS, Dense, FusedLayout, LastLayer,
+                                     MLPEmbedder, Modulation, QKNorm, attention, gelu_tanh,
+                                     modulate, rope_angles, rope_cos_sin, scan_blocks, stack_blocks,
+                                     swiglu, timestep_embedding, to_heads)
 from cotir_jax.sharding import constrain
 from cotir_jax.models.spec import ModelSpec
 
@@ -50,8 +50,8 @@ class SelfAttention(nnx.Module):
 
   def __call__(self, x):
     """q, k (normed), v [B, L, H, D] of the modulated tokens x."""
-    q, k, v = (heads(t, self.num_heads)
-               for t in self.layout.split(constrain(self.qkv(x), HIDDEN)))
+    q, k, v = (to_heads(t, self.num_heads)
+               for t in self.layout.split(constrain(self.qkv(x), FUSED)))
     q, k = self.norm(q, k, v)
     return q, k, v
 
@@ -125,8 +125,8 @@ class SingleStreamBlock(nnx.Module):
 
   def __call__(self, x, vec, mod, rope):
     sh, sc, g = self.modulation(vec) if self.modulation is not None else mod
-    q, k, v, *m = self.layout.split(constrain(self.linear1(modulate(x, sh, sc)), HIDDEN))
-    q, k, v = (heads(t, self.num_heads) for t in (q, k, v))
+    q, k, v, *m = self.layout.split(constrain(self.linear1(modulate(x, sh, sc)), FUSED))
+    q, k, v = (to_heads(t, self.num_heads) for t in (q, k, v))
     q, k = self.norm(q, k, v)
     a = attention(q, k, v, rope, self.attention)
     a = a.reshape(*a.shape[:-1], self.layout.groups, -1)

@@ -30,7 +30,8 @@ Axes = tuple[str | None, ...]
 # Logical names of activations (mapped to mesh axes by the rule table in sharding.py).
 TOKENS = ("batch", "length", "act_embed")       # [B, L, width]
 HEADS = ("batch", "length", "act_heads", None)  # [B, L, H, D]
-HIDDEN = ("batch", "length", "act_mlp")         # [B, L, widened / fused projection]
+HIDDEN = ("batch", "length", "act_mlp")         # [B, L, widened projection (MLP input)]
+FUSED = ("batch", "length", "act_heads")        # [B, L, fused projection, grouped by head]
 IMAGE = ("batch", None, None, None)             # [B, H, W, C] (VAE)
 
 
@@ -49,6 +50,11 @@ def matmul(x: jax.Array, w: jax.Array, dtype, precision=None) -> jax.Array:
   """x @ w in the compute dtype with float32 accumulation; result in float32."""
   return jnp.matmul(x.astype(dtype), w.astype(dtype), precision=precision,
                     preferred_element_type=jnp.float32)
+
+
+# What checkpoints record (`fused_layout`) to say their fused projections follow `FusedLayout`;
+# one without it was written when the parts lay side by side (the reference order).
+FUSED_LAYOUT = "head_groups"
 
 
 def fused_groups(num_heads: int, mlp_hidden: int) -> int:
@@ -117,7 +123,7 @@ class FusedLayout:
     return FusedLayout(tuple(self.sizes[i] for i in parts), self.groups)
 
 
-def heads(x: jax.Array, num_heads: int) -> jax.Array:
+def to_heads(x: jax.Array, num_heads: int) -> jax.Array:
   """[..., groups, (heads per group)·D] (a part of `FusedLayout.split`) → [..., H, D]."""
   return x.reshape(*x.shape[:-2], num_heads, -1)
 
@@ -332,8 +338,7 @@ def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
   """(1 + scale)·LN(x) + shift with [B, H] modulation broadcast over tokens; float32 out."""
-  y = (1.0 + scale[:, None, :].astype(jnp.float32)) * layer_norm(x) + shift[:, None, :].astype(jnp.float32)
-  return constrain(y, TOKENS)
+  return (1.0 + scale[:, None, :].astype(jnp.float32)) * layer_norm(x) + shift[:, None, :].astype(jnp.float32)
 
 
 class Modulation(nnx.Module):
@@ -442,7 +447,7 @@ def scan_blocks(blocks: nnx.Module, carry, fn: Callable, *, remat: str = "none",
                                                                    for a in n))))
 
   def body(c, block_state):
-    return pin(fn(nnx.merge(graphdef, block_state), pin(c))), None
+    return pin(fn(nnx.merge(graphdef, block_state), c)), None
 
   if remat not in REMAT_POLICIES:
     raise ValueError(f"remat policy {remat!r} is not one of {sorted(REMAT_POLICIES)}")

@@ -79,6 +79,7 @@ def main(argv=None) -> int:
                      args.distributed_timeout)
   elif any(v is not None for v in (args.num_processes, args.process_id)):
     parser.error("--num_processes / --process_id need --distributed")
+  from cotir_jax.convert.core import ConversionError
   from cotir_jax.train.loop import train
   from cotir_jax.train.workdir import WorkdirError
   workdir = args.workdir or f"runs/{cfg.project_name}"
@@ -87,6 +88,9 @@ def main(argv=None) -> int:
   except WorkdirError as e:  # locked, unwritable, full, or another model's checkpoint
     print(f"cotir_jax: error: {e}", file=sys.stderr, flush=True)
     return 1
+  except ConversionError as e:  # model.pretrained is no base checkpoint this version reads
+    print(f"cotir_jax: error: {e}", file=sys.stderr, flush=True)
+    return 2
   except jax.errors.JaxRuntimeError as e:
     if not (args.distributed and jax.process_count() > 1):
       raise
