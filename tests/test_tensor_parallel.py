@@ -96,7 +96,7 @@ TENSOR = {
 TRAINABLE = {"single_blocks": 64 * 8 + 8 * 576 + 576 + 256 * 8 + 8 * 64 + 64,
              "cot_adapter": 64 * 448 + 448 + 320 * 64 + 64 + 64 * 192 + 192 + 2 * 32}
 
-COLLECTIVE = re.compile(r"= (\([^=]*?\)|\S+) (all-reduce|all-gather|reduce-scatter|all-to-all|"
+COLLECTIVE = re.compile(r"= (.*?) (all-reduce|all-gather|reduce-scatter|all-to-all|"
                         r"collective-permute)(?:-start)?\(")
 
 
@@ -121,7 +121,7 @@ def _group_size(line: str) -> int:
     return len(m.group(1).split(","))
   if m := re.search(r"replica_groups=\[[\d,]*?(\d+)\]<=", line):
     return int(m.group(1))
-  if m := re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", line):
+  if m := re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\S+)? \{([^}]*)\}", line):
     sizes = {a: int(n) for a, n in re.findall(r"'(\w+)'=(\d+)", m.group(1))}
     return math.prod(sizes[a] for a in re.findall(r"'(\w+)'", m.group(2)))
   raise AssertionError(f"unparsed replica groups: {line[:300]}")

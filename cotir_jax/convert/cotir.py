@@ -369,6 +369,12 @@ def orbax_to_cotir(checkpoint: str, out_dir: str, fmt: str = "pt", dtype=jnp.bfl
   return write_cotir_files(params, spec, out_dir, fmt, dtype)
 
 
+def family_of(paths) -> str:
+  """flux1 (Kontext) is the only family with LoRA on the single blocks' modulation."""
+  return "flux1" if any(".modulation.lin.lora." in p and "single_blocks" in p for p in paths) \
+      else "flux2"
+
+
 def spec_of_trainable(params: Mapping[str, object], source: str) -> ModelSpec:
   """A `ModelSpec` with the family and widths of a trainable set, read from its shapes (what
   the tables' fused layouts need): for exports without a config. The adapter's QK-norm gives
@@ -412,7 +418,8 @@ def regroup_side_by_side(arrays: Mapping[str, object], spec: ModelSpec, xp=np) -
   return out
 
 
-def read_trainable(path: str, spec: ModelSpec | None = None) -> tuple[dict[str, np.ndarray], ModelSpec]:
+def read_trainable(path: str, spec: ModelSpec | None = None
+                   ) -> tuple[dict[str, np.ndarray], ModelSpec]:
   """(our trainable params, the `ModelSpec` of their layouts) from any checkpoint
   `orbax_io.load_trainable` reads; one written before the fused projections were grouped by
   head is converted. `spec`: the model's (default: read from the weights' shapes)."""
@@ -422,9 +429,3 @@ def read_trainable(path: str, spec: ModelSpec | None = None) -> tuple[dict[str, 
   if meta.get("fused_layout") != FUSED_LAYOUT:
     params = regroup_side_by_side(params, spec)
   return params, spec
-
-
-def family_of(paths) -> str:
-  """flux1 (Kontext) is the only family with LoRA on the single blocks' modulation."""
-  return "flux1" if any(".modulation.lin.lora." in p and "single_blocks" in p for p in paths) \
-      else "flux2"
