@@ -13,7 +13,6 @@ size (characters of the optimized module), lowering and compile seconds per part
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
@@ -21,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cotir_jax import config, sharding
+from cotir_jax import cli, latents, sharding
 from cotir_jax.plan import target
 from cotir_jax.train import objective as obj
 from cotir_jax.train import optim
@@ -57,7 +56,7 @@ def parts(prog: Program, stage: int) -> dict:
   def model(params, frozen, inp, lambdas, key):
     x_t, x_0, t = obj.flow_matching_inputs(key, inp.x_1, cfg.compat)
     b = inp.x_1.shape[0]
-    ids = obj.position_ids(b, inp.grid, inp.txt.shape[1], cfg.model.family)
+    ids = latents.position_ids(b, inp.grid, inp.txt.shape[1], cfg.model.family)
     args = obj.model_inputs(x_t, inp.x_c, ids[0], ids[1], inp.txt, ids[2], t, cfg.compat)
 
     def loss_fn(p):
@@ -83,12 +82,15 @@ def parts(prog: Program, stage: int) -> dict:
 
 
 def main(argv=None) -> int:
-  cfg, rest = config.parse_cli(argv)
-  p = argparse.ArgumentParser(prog="benchmarks/compile_time.py")
+  return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
+  p = cli.ArgumentParser(prog="benchmarks/compile_time.py", description=__doc__, config=True)
   p.add_argument("--topology", required=True)
   p.add_argument("--stage", type=int, default=-1)
   p.add_argument("--parts", default="vae,text,model,optimizer,step")
-  args = p.parse_args(rest)
+  cfg, args = cli.parse(p, argv)
   cfg.compile_cache_dir = ""  # measure compiles, not cache hits
   configure_compiler(cfg)
   tgt = target(args.topology)

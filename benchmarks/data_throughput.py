@@ -9,7 +9,6 @@ tokenization of 5 texts) in one process with one thread: the per-worker rate. Pr
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -20,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cotir_jax import cli  # noqa: E402
 from cotir_jax import data as D  # noqa: E402
 from cotir_jax.config import defaults  # noqa: E402
 
@@ -53,8 +53,12 @@ def run(data_dir: str, patch: int, samples: int, tok) -> float:
   return samples / (time.perf_counter() - t)
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+  return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
+  ap = cli.ArgumentParser(prog="benchmarks/data_throughput.py", description=__doc__)
   ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[1] / "data" / "sample"))
   ap.add_argument("--samples", type=int, default=200)
   ap.add_argument("--max-length", type=int, default=512)
@@ -65,7 +69,8 @@ def main(argv=None):
   for p in (128, 512):
     out[f"samples_per_s_per_worker_p{p}"] = round(run(a.data_dir, p, a.samples, tok), 1)
   print(json.dumps(out, indent=1))
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

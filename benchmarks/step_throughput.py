@@ -138,13 +138,15 @@ class PeakMemory:
 # --------------------------------------------------------------------------- inputs
 
 def make_inputs(cfg, batch: int, patch: int, seed: int = 0) -> dict:
-  """Pre-computed step inputs as numpy: latent tokens, text features (and CLIP vectors)."""
+  """Pre-computed step inputs as numpy: latent tokens, text features (and CLIP vectors), and
+  every sample marked as having its three CoT answers."""
   import numpy as np
   m = cfg.model
   rng = np.random.default_rng(seed)
   n_img, n_txt = (patch // 16) ** 2, int(cfg.data.max_length)
   normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
-  out = {"x_1": normal(batch, n_img, m.in_channels), "x_c": normal(batch, n_img, m.in_channels)}
+  out = {"x_1": normal(batch, n_img, m.in_channels), "x_c": normal(batch, n_img, m.in_channels),
+         "answer_mask": np.ones((batch, 3), np.int32)}
   for name in ("txt_gen", "txt_spe", "ans_s", "ans_d", "ans_p"):
     out[name] = normal(batch, n_txt, m.context_in_dim)
   if m.family == "flux1":
@@ -236,19 +238,18 @@ def build_torch(cfg, frozen_model, params, device, dtype):
   from cotir_jax.convert.cotir import export_cotir_params
   from cotir_jax.convert.flux import transformer_rules
   from cotir_jax.models import ModelSpec
-  spec = ModelSpec.from_config(cfg.model)
+  m = cfg.model
   with torch.device("meta"):
     model = TorchCoTIR(cfg)
   shapes = {k: tuple(v.shape) for k, v in model.backbone.state_dict().items()}
-  rules = transformer_rules(spec, prefix="backbone.")
+  rules = transformer_rules(ModelSpec.from_config(m), prefix="backbone.")
   base = export_params(rules, flat_params(frozen_model), shapes)
   to_torch = lambda d, dt: {k: torch.from_numpy(np.asarray(v, np.float32)).to(device, dt)
                             for k, v in d.items()}
   model.backbone.load_state_dict(to_torch(base, dtype), strict=True, assign=True)
   model.cot_adapter.to_empty(device=device)  # filled with our weights below
   model.add_lora(m.lora.rank, m.lora.scale)
-  lora, adapter = export_cotir_params({k: v for k, v in flat_params(params).items()}, spec,
-                                      dtype=None)
+  lora, adapter = export_cotir_params({k: v for k, v in flat_params(params).items()}, dtype=None)
   trainable = {**model.lora_state_names(lora), **adapter}
   model.load_trainable(to_torch(trainable, torch.float32))
   left = [k for k, v in model.state_dict().items() if v.is_meta]
@@ -354,8 +355,7 @@ def main(argv=None):
   import numpy as np
   import torch
   sys.path.insert(0, str(Path(__file__).resolve().parent))
-  from cotir_jax import flops
-  from cotir_jax.train import objective as obj
+  from cotir_jax import flops, latents
   from cotir_jax.train.program import Program
   torch.set_num_threads(args.threads)
   # XLA's CPU code flushes denormal results to zero; torch does not by default, and the tiny
@@ -375,7 +375,7 @@ def main(argv=None):
   device = torch.device("cuda" if dev.platform == "gpu" else "cpu")
   if dev.platform not in ("cpu", "gpu"):
     raise SystemExit(f"the torch side needs a CPU or a CUDA GPU; JAX runs on {dev.platform}")
-  autocast = cfg.model.dtype == "bfloat16"
+  autocast = cfg.mixed_precision == "bf16"
   torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.param_dtype]
   m = cfg.model
   info = {
@@ -385,8 +385,8 @@ def main(argv=None):
       "depth_single_blocks": m.depth_single_blocks, "adapter_depth": m.cot_adapter.depth,
       "lora_rank": m.lora.rank, "context_in_dim": m.context_in_dim,
       "text_tokens": int(cfg.data.max_length), "image_tokens": 2 * (patch // 16) ** 2,
-      "patch": patch, "batch": batch, "dtype": m.dtype, "param_dtype": m.param_dtype,
-      "remat": m.remat_policy, "attention": m.attention,
+      "patch": patch, "batch": batch, "mixed_precision": cfg.mixed_precision,
+      "param_dtype": m.param_dtype, "remat": m.remat_policy, "attention": m.attention,
       "jax_threads (CPU affinity)": len(os.sched_getaffinity(0)),
       "torch_threads": torch.get_num_threads(), "torch_flush_denormal": flush_denormal,
       "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
@@ -400,7 +400,7 @@ def main(argv=None):
   params0 = prog.init_state()["params"]  # the initial trainable weights, copied into torch
   inputs = make_inputs(cfg, batch, patch)
   grid = (patch // 16, patch // 16)
-  ids = [np.asarray(a[0]) for a in obj.position_ids(1, grid, int(cfg.data.max_length), m.family)]
+  ids = [np.asarray(a[0]) for a in latents.position_ids(1, grid, int(cfg.data.max_length), m.family)]
   img_ids, txt_ids = np.concatenate(ids[:2]), ids[2]
 
   t0 = time.perf_counter()

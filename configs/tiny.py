@@ -11,7 +11,6 @@ def get_config():
   c = tiny("flux.2-klein-4b")
   c.project_name = "CoTIR-tiny"
   m = c.model
-  m.base_model_name = "tiny-flux2"
   m.axes_dim = (8, 8, 8, 8)
   m.context_in_dim = 96  # 3 stacked hidden layers of a 32-wide tiny Qwen3
   m.tokenizer = "assets/tokenizers/tiny_qwen3"

@@ -7,7 +7,6 @@ def get_config():
   c = tiny("flux-dev-kontext")
   c.project_name = "CoTIR-tiny-kontext"
   m = c.model
-  m.base_model_name = "tiny-flux1"
   m.axes_dim = (8, 12, 12)
   m.context_in_dim = 32  # tiny T5 width
   m.vec_in_dim = 32      # tiny CLIP width

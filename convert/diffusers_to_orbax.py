@@ -7,16 +7,17 @@ transformer from BFL's single file instead (flux-2-klein-4b.safetensors, flux-2-
 flux1-kontext-dev.safetensors); the VAE, text encoders and tokenizers still come from --src.
 """
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host work
 
+from cotir_jax import cli  # noqa: E402  (after the path set-up above)
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+
+def _main(argv):
+  p = cli.ArgumentParser(prog="convert/diffusers_to_orbax.py", description=__doc__)
   p.add_argument("--src", default=None, help="diffusers repo dir (or bare transformer/ dir)")
   p.add_argument("--transformer", default=None,
                  help="BFL single-file transformer used instead of <src>/transformer/")
@@ -30,17 +31,17 @@ def main(argv=None):
   args = p.parse_args(argv)
   if args.src is None and args.transformer is None:
     p.error("give --src (a diffusers repository) and/or --transformer (a BFL single file)")
-  from cotir_jax.convert import ConversionError, diffusers_to_orbax
-  try:
-    m = diffusers_to_orbax(args.src, args.out, args.dtype, transformer=args.transformer,
-                           only=args.only, hidden_layers=args.hidden_layers,
-                           overwrite=args.overwrite)
-  except (ConversionError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  from cotir_jax.convert import diffusers_to_orbax
+  m = diffusers_to_orbax(args.src, args.out, args.dtype, transformer=args.transformer,
+                         only=args.only, hidden_layers=args.hidden_layers,
+                         overwrite=args.overwrite)
   counts = ", ".join(f"{k} {v['parameters']:,}" for k, v in m["modules"].items())
   print(f"wrote {args.out} ({m['layout']}, {m['dtype']}): {counts}")
   return 0
+
+
+def main(argv=None):
+  return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

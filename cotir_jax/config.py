@@ -21,16 +21,19 @@ from collections.abc import Sequence
 import ml_collections
 from ml_collections import config_dict
 
+from cotir_jax.cli import UserError
+from cotir_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
+
 FAMILIES = ("flux2", "flux1")
 COMPAT_MODES = ("default", "upstream")
 LORA_INITS = ("zeros", "upstream")
-ATTENTION_IMPLS = ("xla", "cudnn", "splash")  # see models/attention.py
 REMAT_POLICIES = ("none", "full", "dots", "save_attention", "save_qkv_attention",
                   "offload_attention")  # models/layers.py: REMAT_POLICIES
 REMAT_PARTS = ("double_blocks", "single_blocks", "cot_adapter")
 DTYPES = ("float32", "bfloat16")
 MIXING = ("balanced", "shuffle")
-DATA_SOURCES = ("tar", "array_record")
+DATA_SOURCES = ("tar", "array_record", "paired")
+COT_ANSWERS = ("templates", "manifest", "none")  # data/paired.py
 MISSING_PROMPT = ("skip", "fallback")
 PROMPT_ERRORS = ("stop", "skip")
 
@@ -40,7 +43,43 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATH_FIELDS = ("data.data_dir", "model.tokenizer", "model.tokenizer_2", "model.pretrained")
 
 
-class ConfigError(ValueError):
+REPORT_TO = ("tensorboard", "wandb")
+RESUME = ("latest", "never")
+
+# Upstream YAML fields this port does not have, with what to use instead: an override naming
+# one fails with this message, not with a bare "unknown field".
+REMOVED_FIELDS = {
+    "model.base_model_name": "the recipe chooses the backbone: config.defaults('flux.2-klein-4b' "
+                             "| 'flux.2-klein-9b' | 'flux-dev-kontext'), as configs/cotir_4b.py, "
+                             "cotir_9b.py and cotir_12b.py do",
+    "model.base_model_path": "convert the base model with convert/diffusers_to_orbax.py and set "
+                             "model.pretrained to its output",
+    "model.dtype": "the compute dtype is mixed_precision: 'bf16' or 'no' (float32)",
+    "model.cot_adapter.qk_scale": "upstream never uses it: attention always scales by "
+                                  "1/sqrt(head dim)",
+    "data.output_dir": "the run directory is the --workdir flag (default runs/<project_name>)",
+    "data.logging_dir": "metrics and TensorBoard events go to the --workdir (metrics.jsonl, "
+                        "tensorboard/)",
+    "data.shuffle_buffer": "samples are read in a seeded global permutation (seed, "
+                           "data.balanced_seed, data.mixing), which needs no shuffle buffer",
+    "data.balanced_target_types": "not supported: point data.data_dir at a folder holding only "
+                                  "the degradation types to train on",
+    "data.balanced_rounds": "not supported: the stream is as long as training.iterations needs",
+    "data.test": "use python -m cotir_jax.restore for test sets",
+    "training.txt_weight_s": "upstream never reads it; the text losses are weighted by the learned "
+                             "multipliers (training.delta_s, training.lambda_lr)",
+    "training.txt_weight_d": "upstream never reads it; the text losses are weighted by the learned "
+                             "multipliers (training.delta_d, training.lambda_lr)",
+    "training.txt_weight_p": "upstream never reads it; the text losses are weighted by the learned "
+                             "multipliers (training.delta_p, training.lambda_lr)",
+    "device": "JAX uses every local accelerator; choose the platform with JAX_PLATFORMS",
+    "inference.base_model_path": "set model.pretrained (a convert/diffusers_to_orbax.py output)",
+    "inference.lora_path": "pass the weights to python -m cotir_jax.restore --weights",
+    "inference.cot_adapter_path": "pass the weights to python -m cotir_jax.restore --weights",
+}
+
+
+class ConfigError(UserError, ValueError):
   """A config value or override is invalid; the message names the field."""
 
 
@@ -85,10 +124,9 @@ def backbone_preset(name: str) -> ml_collections.ConfigDict:
                                depth_single_blocks=38, context_in_dim=4096),
   }
   if name not in presets:
-    raise ConfigError(f"model.base_model_name={name!r} is unknown; allowed: {sorted(presets)}")
+    raise ConfigError(f"backbone {name!r} is unknown; allowed: {sorted(presets)}")
   p = presets[name]
   m = ml_collections.ConfigDict()
-  m.base_model_name = name
   m.family = p["family"]
   m.hidden_size = p["hidden_size"]
   m.num_heads = p["num_heads"]
@@ -119,15 +157,18 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   # "default": float32 RoPE/timesteps, float32 master weights, zero-init LoRA B.
   # "upstream": every precision/init quirk of spec §12 and §17, as the released weights saw.
   c.compat = "default"
+  # accelerate's names: "bf16" multiplies in bfloat16 (float32 accumulation), "no" in float32
+  c.mixed_precision = "bf16"
   c.seed = 0
 
   c.model = backbone_preset(base_model_name)
   c.model.compat = c.get_ref("compat")
+  c.model.mixed_precision = c.get_ref("mixed_precision")  # the same field, seen by the model
   c.model.pretrained = config_dict.placeholder(str)  # converted Orbax base checkpoint
-  c.model.dtype = "bfloat16"        # compute dtype of matmuls (float32 accumulation)
   c.model.param_dtype = "bfloat16"  # frozen base weights
-  # "xla" (any device), "cudnn" (fused GPU kernel) or "splash" (TPU Pallas kernel; models/attention.py)
-  c.model.attention = "xla"
+  # backbone, CoT adapter and text encoders: "auto" (splash on TPU, cudnn on NVIDIA GPUs in
+  # bf16 / fp16, xla elsewhere), "xla" (any device), "cudnn" or "splash" (models/attention.py)
+  c.model.attention = "auto"
   c.model.attention_block_q = 512   # splash query / key tile sizes: upper bounds, multiples of 128
   c.model.attention_block_kv = 512
   c.model.scan_layers = True
@@ -139,15 +180,14 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   c.model.cot_adapter.hidden_size = c.model.get_ref("hidden_size")
   c.model.cot_adapter.num_heads = c.model.get_ref("num_heads")
   c.model.cot_adapter.mlp_ratio = 4.0
-  c.model.cot_adapter.qk_scale = "None"  # upstream's YAML string; never used (spec §17.6)
   c.model.cot_adapter.out_channels = c.model.get_ref("context_in_dim")
   c.model.cot_adapter.depth = 6
   c.model.lora = ml_collections.ConfigDict()
   c.model.lora.enabled = True
   c.model.lora.rank = 96
   c.model.lora.scale = 1.0
-  c.model.lora.lora_bias = True  # upstream never reads it; B always has a bias
-  c.model.lora.merge_for_inference = False
+  c.model.lora.lora_bias = True  # B's bias (upstream's LoRA always has one); False: none
+  c.model.lora.merge_for_inference = False  # restore: fold LoRA into the base weights first
   c.model.lora.init = "zeros"    # "upstream": PyTorch default init of A, B and B's bias
   # Frozen encoders (spec §9). With model.pretrained they come from the converted checkpoint.
   qwen = {"flux.2-klein-4b": "4b", "flux.2-klein-9b": "8b"}.get(base_model_name, "full")
@@ -156,12 +196,11 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   # Tokenizer directories: FLUX.2 `tokenizer/` (Qwen); FLUX.1 `tokenizer/` (CLIP) and
   # `tokenizer_2/` (T5). Unset: the ones stored with model.pretrained.
   c.model.tokenizer = config_dict.placeholder(str)
-  c.model.tokenizer_2 = config_dict.placeholder(str)
+  if c.model.family == "flux1":
+    c.model.tokenizer_2 = config_dict.placeholder(str)
 
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = "../CoTIR-Bench"  # upstream layout: image/<deg>/*.tar + prompts/
-  c.data.output_dir = "saves/"
-  c.data.shuffle_buffer = 100
   c.data.balanced_shuffle = True
   c.data.balanced_seed = config_dict.placeholder(int)
   c.data.return_deg_type = False
@@ -171,13 +210,20 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   c.data.max_skip_fraction = 0.01  # stop the run when more samples (or shards) than this are corrupt
   c.data.skip_check_min_samples = 500  # samples seen before the skip fraction is checked
   c.data.mixing = "balanced"       # round-robin over degradation types, or "shuffle"
-  c.data.source = "tar"            # read the webdataset tars in place, or "array_record"
+  c.data.source = "tar"            # the webdataset tars in place, "array_record", or "paired"
+                                   # (folders of degraded / clean images or a manifest: data/paired.py)
   c.data.tfds_data_dir = config_dict.placeholder(str)  # where `cotir_bench` was built
   c.data.index_cache_dir = "default"  # tar member-offset index cache ($XDG_CACHE_HOME/cotir_jax)
   c.data.read_threads = 2
   c.data.missing_prompt = "skip"   # or "fallback": upstream's "Please correct … issues."
   c.data.prompt_errors = "stop"    # a prompt line that is not UTF-8 stops start-up, or "skip": drop it, warn
   c.data.max_image_pixels = 4096 * 4096  # larger PNGs are skipped ('too_large') from their header, undecoded
+  # Where the CoT answers come from. "templates": each sample's own (CoTIR-Bench meta.json, a
+  # paired manifest's scene / degradation / plan), the degradation description and plan of paired
+  # data made from data.templates where it has none; "manifest": the samples' own only; "none":
+  # no text terms (plain flow-matching fine-tuning). A missing answer masks its term.
+  c.data.cot_answers = "templates"
+  c.data.templates = paired_templates()
 
   c.training = ml_collections.ConfigDict()
   c.training.use_gen = {0: 0.2, 10000: 0.3, 20000: 0.4, 30000: 0.5, 40000: 0.6}
@@ -205,6 +251,13 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   c.training.guidance = 4.0
   c.training.log_steps = 10
   c.training.peak_tflops = config_dict.placeholder(float)  # per-chip bf16 peak for mfu; unset: device table
+  # Start a new run from trained weights (fresh optimizer, λ and step 0): a training workdir or
+  # one of its checkpoints/<step>/, a convert/cotir_to_orbax.py output, or upstream's released
+  # lora.pt + cot_adapter.pt (their directory, or "lora.pt,cot_adapter.pt"). Used only when
+  # the workdir has no checkpoint yet: a resumed run continues from its own.
+  c.training.init_from = config_dict.placeholder(str)
+  c.training.ema_decay = 0.0  # EMA of the trainable weights (train/ema.py), e.g. 0.999; 0: none
+  c.training.profile_steps = ()  # (start, stop): jax.profiler trace of those steps in <workdir>/profile/
 
   # JAX's persistent compilation cache: a resumed run or a repeated stage does not compile
   # again. "default": $XDG_CACHE_HOME/cotir_jax/jit; "" turns it off.
@@ -231,10 +284,63 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   c.mesh.fsdp = -1
   c.mesh.tensor = 1
 
-  c.mixed_precision = "bf16"
-  c.report_to = "tensorboard"
+  c.report_to = "tensorboard"  # or "wandb" (pip install wandb); metrics.jsonl is always written
+  # "latest": continue from the newest checkpoint in --workdir, if any; "never": start at step 0
+  # and refuse a workdir that holds checkpoints (another run's work is never overwritten)
   c.resume = "latest"
   return c
+
+
+def paired_templates() -> ml_collections.ConfigDict:
+  """The text tables of paired data (data.source="paired"), in the style of CoTIR's prompt files
+  and answers. A degradation type is split into the degradations below (`low_haze_rain` → low
+  light, haze, rain, through `aliases`); a type with a part not listed here trains with the
+  generic prompts and without degradation / plan answers."""
+  t = ml_collections.ConfigDict()
+  t.generic_prompts = ("Please restore this image.", "Make this picture clearer.",
+                       "Improve the quality of this photo.",
+                       "Enhance this image and fix whatever is wrong with it.",
+                       "Restore the image to high quality.", "Clean up this photo.")
+  t.composite_prompt = "Please remove the {names} from this image."  # a type of several
+  # a composite plan's steps: the degradation formed last (compression, sensor noise,
+  # illumination, weather layers in front of the haze, optics) is undone first
+  t.order = ("jpeg_compression", "noise", "low_light", "snow", "rain", "haze", "blur", "lost_color")
+  t.aliases = {"low": "low_light", "dark": "low_light", "fog": "haze", "jpeg": "jpeg_compression"}
+  entries = {  # name in prompts; specific prompt lines; degradation description; plan step
+      "low_light": ("low light", ("Brighten this dark image.", "Enhance this low-light photo."),
+                    "The image is dark and underexposed, with crushed shadows and little visible "
+                    "detail.", "brighten the exposure while keeping shadows clean"),
+      "haze": ("haze", ("Remove the haze from this image.", "Dehaze this photo.",
+                        "Clear the fog from the picture."),
+               "A hazy veil lowers the contrast and washes out the colours.",
+               "remove the haze to recover contrast and saturation"),
+      "rain": ("rain", ("Remove the rain streaks.", "Derain this photo."),
+               "Bright rain streaks cover the scene and hide details behind them.",
+               "remove the rain streaks and fill in the occluded content"),
+      "snow": ("snow", ("Remove the snow from this image.",
+                        "Clear the falling snowflakes from this photo."),
+               "Falling snowflakes and snow streaks cover the scene and hide details behind them.",
+               "remove the snowflakes and fill in the occluded content"),
+      "noise": ("noise", ("Denoise this image.", "Remove the grain from this photo.",
+                          "Reduce the noise in the picture."),
+                "Grainy random noise covers the whole image, most visible in flat regions.",
+                "denoise while preserving fine detail"),
+      "blur": ("blur", ("Remove the blur from this image.", "Sharpen this blurry photo.",
+                        "Deblur the picture."),
+               "The image is blurry: edges and fine textures are smeared and lack sharp detail.",
+               "deblur to restore sharp edges and textures"),
+      "jpeg_compression": ("JPEG compression", ("Remove the JPEG artefacts.",
+                                                "Fix the compression blocks in this image."),
+                           "Blocky 8x8 artefacts and ringing around edges show strong JPEG compression.",
+                           "remove the compression blocks and ringing"),
+      "lost_color": ("missing colour", ("Colourise this image.",
+                                        "Restore the missing colours of this photo."),
+                     "The colours are missing; the photo looks almost grayscale.",
+                     "restore natural, plausible colours"),
+  }
+  t.degradations = {k: dict(name=n, prompts=p, description=d, plan=s)
+                    for k, (n, p, d, s) in entries.items()}
+  return t
 
 
 def tiny(base_model_name: str) -> ml_collections.ConfigDict:
@@ -249,7 +355,7 @@ def tiny(base_model_name: str) -> ml_collections.ConfigDict:
   m.num_heads = 2
   m.depth = 2
   m.depth_single_blocks = 2
-  m.dtype = "float32"
+  c.mixed_precision = "no"
   m.param_dtype = "float32"
   m.remat_policy = "none"  # nothing to save at these sizes; halves the compile time
   c.mesh.data, c.mesh.fsdp = -1, 1  # plain data parallelism is fastest for a model this small
@@ -284,6 +390,13 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   m = cfg.model
   choose("compat", cfg.compat, COMPAT_MODES)
+  from cotir_jax.models.spec import COMPUTE_DTYPES
+  if cfg.mixed_precision == "fp16":
+    raise ConfigError("mixed_precision='fp16' is not supported (float16 needs loss scaling); "
+                      "choose 'bf16' or 'no'")
+  choose("mixed_precision", cfg.mixed_precision, COMPUTE_DTYPES)
+  choose("report_to", cfg.report_to, REPORT_TO)
+  choose("resume", cfg.resume, RESUME)
   choose("model.family", m.family, FAMILIES)
   choose("model.lora.init", m.lora.init, LORA_INITS)
   choose("model.attention", m.attention, ATTENTION_IMPLS)
@@ -294,13 +407,14 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for part in REMAT_PARTS:
     if m.remat[part] is not None:
       choose(f"model.remat.{part}", m.remat[part], REMAT_POLICIES)
-  choose("model.dtype", m.dtype, DTYPES)
   choose("model.param_dtype", m.param_dtype, DTYPES)
   choose("model.encoder_dtype", m.encoder_dtype, DTYPES)
   choose("data.mixing", cfg.data.mixing, MIXING)
   choose("data.source", cfg.data.source, DATA_SOURCES)
   choose("data.missing_prompt", cfg.data.missing_prompt, MISSING_PROMPT)
   choose("data.prompt_errors", cfg.data.prompt_errors, PROMPT_ERRORS)
+  choose("data.cot_answers", cfg.data.cot_answers, COT_ANSWERS)
+  _validate_templates(cfg.data.templates)
   if not isinstance(cfg.data.max_image_pixels, int) or cfg.data.max_image_pixels < 1:
     raise ConfigError(f"data.max_image_pixels={cfg.data.max_image_pixels!r} must be a positive int")
   if not 0 <= cfg.data.max_skip_fraction <= 1:
@@ -318,6 +432,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if a.hidden_size % a.num_heads or a.hidden_size // a.num_heads != head_dim:
     raise ConfigError(f"model.cot_adapter.num_heads={a.num_heads} must give the backbone head dim {head_dim}")
   t = cfg.training
+  choose("training.lr_scheduler", t.lr_scheduler, ("cosine",))
   n = len(t.iterations)
   for name in ("patch_sizes", "batch_sizes"):
     if len(t[name]) != n:
@@ -329,6 +444,13 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       raise ConfigError(f"training.patch_sizes contains {p}; every patch size must be a multiple of 16")
   if not -1.0 <= float(cfg.compile_effort) <= 1.0:
     raise ConfigError(f"compile_effort={cfg.compile_effort!r} must be in [-1, 1]")
+  if not 0.0 <= float(t.ema_decay) < 1.0:
+    raise ConfigError(f"training.ema_decay={t.ema_decay!r} must be in [0, 1); 0 keeps no EMA")
+  steps = tuple(t.profile_steps)
+  if steps and not (len(steps) == 2 and all(isinstance(x, int) for x in steps)
+                    and 0 <= steps[0] < steps[1]):
+    raise ConfigError(f"training.profile_steps={steps!r} must be () (no trace) or (start, stop) "
+                      "with 0 <= start < stop: the steps start, ..., stop - 1 are traced")
   k = t.gradient_accumulation_steps
   if not isinstance(k, int) or k < 1:
     raise ConfigError(f"training.gradient_accumulation_steps={k!r} must be a positive int")
@@ -347,6 +469,36 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if inf.max_long_edge is not None and inf.max_long_edge < 16:
     raise ConfigError(f"inference.max_long_edge={inf.max_long_edge} must be at least 16")
   return cfg
+
+
+def _validate_templates(t: ml_collections.ConfigDict) -> None:
+  """data.templates: every table entry complete, `order` and `aliases` naming listed degradations."""
+  def texts(field, value, allow_empty=False):
+    if not isinstance(value, (tuple, list)) or not all(isinstance(x, str) and x.strip() for x in value) \
+        or not (value or allow_empty):
+      raise ConfigError(f"data.templates.{field}={value!r} must be a non-empty tuple of "
+                        "non-empty strings")
+
+  texts("generic_prompts", t.generic_prompts)
+  if not isinstance(t.composite_prompt, str) or "{names}" not in t.composite_prompt:
+    raise ConfigError(f"data.templates.composite_prompt={t.composite_prompt!r} must be a string "
+                      "holding {names} (the degradations' names)")
+  known = set(t.degradations)
+  for name in known:
+    entry = t.degradations[name]
+    for key in ("name", "description", "plan"):
+      if not isinstance(entry.get(key), str) or not entry[key].strip():
+        raise ConfigError(f"data.templates.degradations.{name}.{key}={entry.get(key)!r} must be a "
+                          "non-empty string")
+    texts(f"degradations.{name}.prompts", entry.get("prompts"))
+  order = list(t.order)
+  if sorted(order) != sorted(known):
+    raise ConfigError(f"data.templates.order={tuple(order)} must list each of data.templates."
+                      f"degradations once: {sorted(known)}")
+  for alias, target in t.aliases.items():
+    if target not in known:
+      raise ConfigError(f"data.templates.aliases.{alias}={target!r} is not one of "
+                        f"data.templates.degradations: {sorted(known)}")
 
 
 def _parse_value(text: str):
@@ -369,6 +521,8 @@ def apply_override(cfg: ml_collections.ConfigDict, override: str) -> None:
       raise ConfigError(f"unknown config field {'.'.join(parents[: i + 1])!r} (in override {override!r})")
     node = node[key]
   if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    if path in REMOVED_FIELDS:
+      raise ConfigError(f"config field {path!r} does not exist here: {REMOVED_FIELDS[path]}")
     known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
     raise ConfigError(f"unknown config field {path!r}; fields here: {known}")
   value = _parse_value(text)
@@ -419,7 +573,15 @@ def _resolve_paths(cfg: ml_collections.ConfigDict) -> None:
 
 def parse_cli(argv: Sequence[str] | None = None) -> tuple[ml_collections.ConfigDict, list[str]]:
   """Reads `--config path` and `--config.a.b=v` from argv; returns (config, other args)."""
-  argv = list(sys.argv[1:] if argv is None else argv)
+  path, overrides, rest = split_cli(sys.argv[1:] if argv is None else argv)
+  if path is None:
+    raise ConfigError("missing --config path/to/config.py")
+  return load(path, overrides), rest
+
+
+def split_cli(argv: Sequence[str]) -> tuple[str | None, list[str], list[str]]:
+  """(`--config` path or None, `a.b=v` overrides, the other arguments) of a command line."""
+  argv = list(argv)
   path, overrides, rest = None, [], []
   i = 0
   while i < len(argv):
@@ -439,6 +601,4 @@ def parse_cli(argv: Sequence[str] | None = None) -> tuple[ml_collections.ConfigD
     else:
       rest.append(arg)
     i += 1
-  if path is None:
-    raise ConfigError("missing --config path/to/config.py")
-  return load(path, overrides), rest
+  return path, overrides, rest

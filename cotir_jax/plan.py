@@ -7,19 +7,21 @@ materialised) — for a TPU topology through libtpu (`pip install -e ".[tpu]"`, 
 or for this machine's devices (`--topology local`), and prints per stage: memory per chip
 (frozen weights, trainable weights, optimizer state, batch, temporaries, XLA's peak) against
 HBM, FLOPs per step and per sample (matmuls counted from the compiled HLO with loop trip
-counts, next to the closed-form count), the step time implied at a stated MFU, compile time and
-a verdict. Running out of memory at compile time is a result ("out of memory"), not a crash.
+counts, next to the closed-form count), the step time implied at a stated MFU, compile time,
+the attention kernel of every part (backbone, CoT adapter, text encoders) and a verdict.
+Running out of memory at compile time is a result ("out of memory"), not a crash.
 
-`--search` tries mesh layouts (data / fsdp / tensor), remat policies and gradient-accumulation
-factors in order of expected throughput (fewest FLOPs per sample, then least tensor parallelism
-and accumulation) and recommends the first that fits every planned stage with ≥ 10% headroom.
-A setting that runs out of memory rules out, untried, the same remat policy with less FSDP (more
-data or tensor parallelism) and the accumulation factors too small for its temporaries.
+`--search` tries mesh layouts (data / fsdp / tensor), remat policies, gradient-accumulation
+factors and attention kernels (`auto` with each splash tile size in SPLASH_TILES where it means
+splash, then `xla`) in order of expected throughput (fewest FLOPs per sample, then least tensor
+parallelism and accumulation, fused kernels first) and recommends the first that fits every
+planned stage with ≥ 10% headroom. A setting that runs out of memory rules out, untried, the
+same remat policy with less FSDP (more data or tensor parallelism), the accumulation factors too
+small for its temporaries, and kernels that need as much memory or more (xla after splash).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -27,10 +29,15 @@ import re
 import sys
 import time
 
+from cotir_jax import cli
+
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}  # per chip (Cloud TPU system architecture)
 PEAK_KEYS = {"v4": "TPU v4", "v5e": "TPU v5e", "v5p": "TPU v5p", "v6e": "TPU v6e"}
 HEADROOM = 0.10
 GIB = 2 ** 30
+# splash tile sizes (model.attention_block_q = _kv) --search tries, in this order: the default,
+# then larger tiles (fewer grid steps), then smaller (less VMEM, for a kernel that does not build)
+SPLASH_TILES = (512, 1024, 256)
 
 
 @dataclasses.dataclass
@@ -53,15 +60,15 @@ def target(topology: str) -> Target:
     return Target("local", devices, stats.get("bytes_limit"), peak)
   generation = topology.split(":")[0]
   if generation not in HBM_GIB:
-    raise SystemExit(f"--topology {topology!r}: unknown TPU generation {generation!r}; "
-                     f"use one of {sorted(HBM_GIB)} as in v5e:4x4, v5p:2x2x1, or 'local'")
+    raise cli.UsageError(f"--topology {topology!r}: unknown TPU generation {generation!r}; "
+                         f"use one of {sorted(HBM_GIB)} as in v5e:4x4, v5p:2x2x1, or 'local'")
   try:
     from jax.experimental import topologies
     desc = topologies.get_topology_desc(topology, "tpu")
   except Exception as e:  # libtpu missing or a malformed topology
-    raise SystemExit(f"--topology {topology!r}: cannot describe it ({type(e).__name__}: "
-                     f"{str(e).splitlines()[0]}); TPU topologies need libtpu: "
-                     "pip install -e '.[tpu]'") from None
+    raise cli.UsageError(f"--topology {topology!r}: cannot describe it ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0]}); TPU topologies need libtpu: "
+                         "pip install -e '.[tpu]'") from None
   return Target(topology, list(desc.devices), HBM_GIB[generation] * GIB,
                 flops.PEAK_TFLOPS[PEAK_KEYS[generation]] * 1e12)
 
@@ -75,6 +82,7 @@ class StagePlan:
   remat: str
   accumulation: int
   verdict: str                  # "fits", "tight" (< 10% headroom), "out of memory", "error"
+  attention: dict = dataclasses.field(default_factory=dict)  # kernel per part
   memory_gib: dict = dataclasses.field(default_factory=dict)
   hbm_gib: float | None = None
   tflop_per_device_step: float | None = None
@@ -132,6 +140,7 @@ def plan_stage(cfg, tgt: Target, stage: int, mfu: float) -> StagePlan:
   except ValueError as e:  # a mesh that does not divide the batch: a result of the search
     return StagePlan(mesh={}, verdict="error", note=str(e), **base)
   mesh = dict(prog.mesh.shape)
+  base["attention"] = prog.kernels
   analytic = flops.analytic_flops(cfg, patch, batch).total / batch / 1e12
   parts = {"frozen weights": prog.bytes_per_device(prog.frozen),
            "trainable weights": prog.bytes_per_device(prog.state["params"]),
@@ -181,10 +190,9 @@ def _stages(cfg, which: str) -> list[int]:
   n = len(cfg.training.iterations)
   if which == "all":
     return list(range(n))
-  s = int(which)
-  if not 0 <= s < n:
-    raise SystemExit(f"--stage {s}: the config has stages 0..{n - 1}")
-  return [s]
+  if not which.isdigit() or not 0 <= int(which) < n:
+    raise cli.UsageError(f"--stage {which}: the config has stages 0..{n - 1} (or 'all')")
+  return [int(which)]
 
 
 def _with(cfg, **fields):
@@ -196,9 +204,22 @@ def _with(cfg, **fields):
   return config.validate(c)
 
 
-def candidates(cfg, n_chips: int, stages: list[int]):
+def kernel_choices(cfg, platform: str) -> list[dict]:
+  """The attention settings --search tries, fastest expected first: `auto` (with each splash
+  tile size where it means splash), then `xla` where `auto` is something else."""
+  from cotir_jax.models import attention
+  from cotir_jax.models.spec import COMPUTE_DTYPES
+  auto = attention.resolve("auto", platform=platform, dtype=COMPUTE_DTYPES[cfg.mixed_precision])
+  if auto != "splash":
+    return [{"model.attention": "auto"}] + ([{"model.attention": "xla"}] if auto != "xla" else [])
+  return [{"model.attention": "auto", "model.attention_block_q": t,
+           "model.attention_block_kv": t} for t in SPLASH_TILES] + [{"model.attention": "xla"}]
+
+
+def candidates(cfg, n_chips: int, stages: list[int], platform: str = "tpu"):
   """(fields, expected cost) of every setting to try, cheapest expected step first."""
   from cotir_jax import flops, sharding
+  kernels = kernel_choices(cfg, platform)
   t = cfg.training
   divisors = [d for d in range(1, n_chips + 1) if n_chips % d == 0]
   heads = int(cfg.model.num_heads)
@@ -225,8 +246,10 @@ def candidates(cfg, n_chips: int, stages: list[int]):
                      / int(t.batch_sizes[s]) for s in stages)
           fields = {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor,
                     "model.remat_policy": remat, "training.gradient_accumulation_steps": accum}
-          # FLOPs first; then less tensor parallelism, less accumulation, more FSDP than DP
-          out.append((fields, (round(cost / 1e9), tensor, accum, data)))
+          # FLOPs first; then less tensor parallelism, less accumulation, more FSDP than DP,
+          # fused attention kernels before xla
+          for i, kernel in enumerate(kernels):
+            out.append(({**fields, **kernel}, (round(cost / 1e9), tensor, accum, data, i)))
   out.sort(key=lambda fc: fc[1])
   return out
 
@@ -244,6 +267,8 @@ def _row(p: StagePlan) -> str:
   lines = [f"stage {p.stage}: patch {p.patch}, global batch {p.global_batch}, mesh {mesh}, "
            f"remat {p.remat}, accumulation {p.accumulation}: {p.verdict.upper()}",
            f"  memory per chip: peak {peak} ({parts})"]
+  if p.attention:
+    lines.append("  attention: " + ", ".join(f"{k} {v}" for k, v in p.attention.items()))
   if p.tflop_per_sample is not None:
     lines.append(f"  FLOPs: {p.tflop_per_device_step:.4g} TFLOP per chip per step, "
                  f"{p.tflop_per_sample:.4g} TFLOP per sample (closed form "
@@ -257,11 +282,8 @@ def _row(p: StagePlan) -> str:
   return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m cotir_jax.plan", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", metavar="FILE", help="the recipe (configs/cotir_4b.py ...); "
-                      "--config.a.b=v overrides any field")
+def _parser() -> cli.ArgumentParser:
+  parser = cli.ArgumentParser(prog="python -m cotir_jax.plan", description=__doc__, config=True)
   parser.add_argument("--topology", required=True,
                       help="TPU topology as GENERATION:SHAPE (v5e:2x2, v5e:4x4, v5p:2x2x1, "
                            "v6e:2x4, v4:2x2x1) or 'local' for this machine's devices")
@@ -278,14 +300,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  from cotir_jax import config
-  argv = list(sys.argv[1:] if argv is None else argv)
+  return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
+  from cotir_jax.models import attention
   parser = _parser()
-  if {"-h", "--help"} & set(argv):
-    parser.print_help()
-    return 0
-  cfg, rest = config.parse_cli(argv)
-  args = parser.parse_args(rest)
+  cfg, args = cli.parse(parser, argv)
   if not 0 < args.mfu <= 1:
     parser.error("--mfu must be in (0, 1]")
   from cotir_jax.train.program import configure_compiler
@@ -293,9 +314,9 @@ def main(argv=None) -> int:
     cfg.compile_effort = -1.0  # memory and FLOPs as at 0 (measured), minutes less per compile
   if args.topology != "local":  # executables compiled for a topology without a client are not
     cfg.compile_cache_dir = ""  # loadable from the cache
-  configure_compiler(cfg)
-  tgt = target(args.topology)
   stages = _stages(cfg, args.stage)
+  tgt = target(args.topology)
+  configure_compiler(cfg)
   print(f"cotir_jax.plan: {cfg.project_name} on {tgt.name} ({len(tgt.devices)} chips"
         + (f", {tgt.hbm_bytes / GIB:.1f} GiB HBM each" if tgt.hbm_bytes else "") + ")", flush=True)
 
@@ -311,15 +332,19 @@ def main(argv=None) -> int:
     # the largest stage (most memory) first: a setting that fails there is dropped at once
     order = sorted(stages, key=lambda s: -int(cfg.training.patch_sizes[s]) ** 2
                    * int(cfg.training.batch_sizes[s]))
-    tried, pruned = 0, []  # (remat, fsdp, accumulation below which it cannot fit)
-    for fields, _ in candidates(cfg, len(tgt.devices), stages):
+    # (remat, fsdp, accumulation below which it cannot fit, whether the kernel was xla's)
+    tried, pruned = 0, []
+    platform = attention.platform_of(tgt.devices[0])
+    for fields, _ in candidates(cfg, len(tgt.devices), stages, platform):
       if tried >= args.max_tries:
         break
       remat, fsdp = fields["model.remat_policy"], fields["mesh.fsdp"]
       accum = fields["training.gradient_accumulation_steps"]
+      xla = fields["model.attention"] == "xla"  # stores the scores: more memory than a fused kernel
       # memory grows as chips move from fsdp (weights and batch split) to data (replicas) or
-      # tensor (activations partly replicated), and with the micro-batch (less accumulation)
-      if any(r == remat and fsdp <= f and accum < a for r, f, a in pruned):
+      # tensor (activations partly replicated), with the micro-batch (less accumulation), and
+      # from a fused attention kernel to xla's
+      if any(r == remat and fsdp <= f and accum < a and xla >= x for r, f, a, x in pruned):
         continue
       tried += 1
       trial = _with(cfg, **fields)
@@ -332,7 +357,7 @@ def main(argv=None) -> int:
         if p.verdict != "fits":
           if p.verdict in ("out of memory", "tight") and p.hbm_gib:
             # halved: temporaries shrink less than linearly with the micro-batch
-            pruned.append((remat, fsdp, max(accum + 1, accumulation_needed(p) / 2)))
+            pruned.append((remat, fsdp, max(accum + 1, accumulation_needed(p) / 2), xla))
           break
       results["plans"].append({"fields": fields, "stages": plans})
       if all(p["verdict"] == "fits" for p in plans) and len(plans) == len(order):

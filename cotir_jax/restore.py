@@ -1,19 +1,25 @@
 """`python -m cotir_jax.restore`: restore images with trained or released CoTIR weights (spec §15).
 
     python -m cotir_jax.restore --config configs/cotir_4b.py --weights W --input PATH --out DIR
-        [--prompt TEXT] [--num_steps N] [--seed S] [--max_long_edge PX] [--batch_size B]
+        [--prompt TEXT] [--num_steps N] [--seed S] [--max_long_edge PX] [--batch_size B] [--ema]
 
 W: a training workdir (its newest checkpoint), one checkpoint step, a trainable-weights
 checkpoint of `convert/cotir_to_orbax.py`, a directory holding upstream's `lora.pt` and
-`cot_adapter.pt` (or `.safetensors`), or those two files. The frozen base comes from
+`cot_adapter.pt` (or `.safetensors`), or those two files. `--ema` takes the moving average
+of the weights that a training checkpoint keeps with `training.ema_decay` > 0 (an error for
+any other W). The frozen base comes from
 `model.pretrained`; without it (the tiny configs) it is initialised from `seed` exactly as
 training initialised it.
 
 PATH: an image; a directory of images (upstream inference.py's suffixes) → `<out>/<stem>.png`;
 upstream's test JSONL (`lq_path` or `id`, `gen_prompt`, `spe_prompt`) → `<out>/vague/` (generic
-prompt) and `<out>/precise/` (specific prompt), as upstream's test.py; or a CoTIR-Bench layout
+prompt) and `<out>/precise/` (specific prompt), as upstream's test.py; a CoTIR-Bench layout
 (`[image/]<type>/*.tar`, e.g. data/sample) → `<out>/restored/<key>.png` plus the HQ images as
-`<out>/reference/<key>.png`, ready for `python -m cotir_jax.evaluate`.
+`<out>/reference/<key>.png`; or a paired layout (a CDD-11 split, `hq/` + `lq/[<type>/]`, a JSONL
+manifest of `lq` / `hq` pairs; data/paired.py) → `<out>/restored/<type>/<stem>.png` per degraded
+image and its clean image once as `<out>/reference/<stem>.png`. The last two are ready for
+`python -m cotir_jax.evaluate`. Every image of a directory or layout gets `--prompt`, else
+`inference.prompt`.
 
 Per image, as upstream's inference.py: converted to RGB (16-bit grayscale scaled to 8 bits),
 shrunk to `--max_long_edge` (PIL bicubic) if asked, resized with torch's bicubic to the
@@ -23,14 +29,14 @@ to the next bucket size of a ladder (16, 32, 48, 64, 80, 96, 112, 128, 160, ...:
 1.5P, 1.75P per power of two P ≥ 64, at most 25% padding per side) and cropped after decoding,
 each image keeping the schedule of its own token count, so a directory compiles once per bucket
 (counted; `Restorer.compiles`). Batches are sharded over the mesh's data × fsdp devices of this
-host; LoRA is merged into the base weights once. The noise of image i is drawn from
-fold_in(key(seed), i), whatever its batch and position. An unreadable image is reported by
-name and skipped.
+host; with `model.lora.merge_for_inference` LoRA is folded into the base weights once, as
+upstream merges it (its test configs leave it unmerged, the default here). The noise of image
+i is drawn from fold_in(key(seed), i), whatever its batch and position. An unreadable image is
+reported by name and skipped.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import io
@@ -49,22 +55,21 @@ from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 from tqdm import tqdm
 
+from cotir_jax import cli
 from cotir_jax import config as config_lib
 from cotir_jax import models, sharding
 from cotir_jax import sample as sampler
 from cotir_jax.convert import cotir as cotir_files
-from cotir_jax.convert.core import ConversionError
-from cotir_jax.train import objective as obj
+from cotir_jax.data import paired
 from cotir_jax.train.modules import build_states, build_tokenizers
 from cotir_jax.train.program import configure_compiler
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")  # upstream's
+IMAGE_SUFFIXES = paired.IMAGE_SUFFIXES  # upstream inference.py's
 PROMPT_DIRS = {"gen_prompt": "vague", "spe_prompt": "precise"}  # upstream test.py
 RESULTS_DIR, REFERENCE_DIR = "restored", "reference"
-UPSTREAM_FILES = ("lora.pt", "lora.safetensors", "cot_adapter.pt", "cot_adapter.safetensors")
 
 
-class RestoreError(ValueError):
+class RestoreError(cli.UserError, ValueError):
   """Bad arguments or an input that cannot be read at all; the message names it."""
 
 
@@ -120,6 +125,29 @@ def _bench_jobs(path: str, out: str, prompt: str, cache_dir) -> list[Job]:
   return jobs
 
 
+def _pair_jobs(path: str, out: str, prompt: str, skipped: list) -> list[Job]:
+  """Every degraded image of a paired layout → `restored/<type>/<stem>.png`; its clean image is
+  written once, with the first job that has it, as `reference/<stem>.png` (the name the result
+  is scored under). A clean image that would take another's reference name is reported."""
+  jobs, references = [], {}
+  for i, pair in enumerate(paired.list_pairs(path).pairs):
+    stem = pair.lq.stem
+    reference = None
+    if pair.hq is not None:
+      ref = os.path.join(out, REFERENCE_DIR, f"{stem}.png")
+      new = ref not in references
+      first = references.setdefault(ref, pair.hq)
+      if first != pair.hq:
+        skipped.append((str(pair.lq), f"its reference {ref} is taken by another clean image, {first}"))
+        continue
+      if new:
+        reference = (_from_file(str(pair.hq)), ref)
+    jobs.append(Job(name=str(pair.lq), open=_from_file(str(pair.lq)), prompt=prompt,
+                    out=os.path.join(out, RESULTS_DIR, pair.type, f"{stem}.png"), index=i,
+                    reference=reference))
+  return jobs
+
+
 def _jsonl_jobs(path: str, out: str, lq_dir: str | None, skipped: list) -> list[Job]:
   """Upstream test.py's test set: image from `lq_path` (absolute, relative to the JSONL, or its
   name in `lq_dir`) or `<id>.png` in `lq_dir` (default: `lq/` next to the JSONL)."""
@@ -157,12 +185,20 @@ def _jsonl_jobs(path: str, out: str, lq_dir: str | None, skipped: list) -> list[
 
 def collect_jobs(path: str, out: str, *, prompt: str | None, default_prompt: str,
                  lq_dir: str | None = None, cache_dir="default") -> tuple[list[Job], list]:
-  """(jobs, skipped [(name, reason)]) for an image, a directory of images, a test JSONL or a
-  CoTIR-Bench directory; an output name taken twice is kept for the first image only."""
+  """(jobs, skipped [(name, reason)]) for an image, a directory of images, a test JSONL, a
+  CoTIR-Bench directory or a paired layout; an output name taken twice is kept for the first
+  image only."""
   skipped: list = []
   if not os.path.exists(path):
     raise RestoreError(f"--input {path!r} does not exist")
-  if path.endswith(".jsonl"):
+  layout = paired.detect_layout(path)
+  if layout is not None:
+    try:
+      jobs = _pair_jobs(path, out, _read_prompt(prompt) if prompt is not None else default_prompt,
+                        skipped)
+    except paired.DataLayoutError as e:
+      raise RestoreError(f"--input {path!r}: {e}") from None
+  elif path.endswith(".jsonl"):
     if prompt is not None:
       raise RestoreError("--prompt does not apply to a JSONL test set: it carries gen_prompt "
                          "and spe_prompt per image")
@@ -262,47 +298,20 @@ def _load(job: Job, max_long_edge: int | None):
   return sampler.resize_bicubic(lq, *hw), (h, w), hq
 
 
-# ----------------------------------------------------------------------------- weights
-
-def read_weights(paths: Sequence[str], targets: dict, spec: models.ModelSpec
-                 ) -> dict[str, np.ndarray]:
-  """Flat trainable params (our dotted paths) from any accepted `--weights`, checked against
-  `targets` (the model's trainable state): paths, shapes and every key of the files."""
-  paths = list(paths)
-  if len(paths) == 1 and os.path.isdir(paths[0]):
-    upstream = [os.path.join(paths[0], f) for f in UPSTREAM_FILES
-                if os.path.isfile(os.path.join(paths[0], f))]
-    if not upstream:
-      flat, _ = cotir_files.read_trainable(paths[0], spec)
-      cotir_files.check_trainable(flat, targets, paths[0])
-      return flat
-    paths = upstream
-  lora = adapter = None
-  for p in paths:
-    keys = list(cotir_files.read_tensors(p))
-    if any(k.startswith("cot_adapter.") for k in keys):
-      if adapter is not None:
-        raise RestoreError(f"--weights: two CoT-adapter files, {adapter} and {p}")
-      adapter = p
-    elif lora is not None:
-      raise RestoreError(f"--weights: two LoRA files, {lora} and {p}")
-    else:
-      lora = p
-  lora_t = {k: v for k, v in targets.items() if not k.startswith("cot_adapter.")}
-  adapter_t = {k: v for k, v in targets.items() if k.startswith("cot_adapter.")}
-  if adapter is None:
-    raise RestoreError(f"--weights {paths}: no cot_adapter file (keys cot_adapter.*) among them")
-  if lora_t and lora is None:
-    raise RestoreError(f"--weights {paths}: no lora file, but the config has LoRA "
-                       "(model.lora.enabled)")
-  return cotir_files.import_cotir_params(spec, lora_t, adapter_t, lora, adapter)
-
-
 # ----------------------------------------------------------------------------- the model
 
+def inference_model(cfg, model: models.CoTIR) -> models.CoTIR:
+  """The model restore samples with: LoRA folded into the base weights only when
+  `model.lora.merge_for_inference` is set (upstream's test configs keep it apart), rounded
+  as upstream rounds it under compat="upstream"."""
+  if not cfg.model.lora.merge_for_inference:
+    return model
+  return models.merge_lora(model, upstream=cfg.compat == "upstream")
+
+
 class Restorer:
-  """The frozen modules on the mesh, weights loaded and LoRA merged, and one jitted
-  `LQ batch → results` program per size bucket."""
+  """The frozen modules on the mesh, weights loaded (LoRA merged if the config says so), and
+  one jitted `LQ batch → results` program per size bucket."""
 
   def __init__(self, cfg, *, reloadable: bool = False):
     self.cfg = cfg
@@ -320,19 +329,22 @@ class Restorer:
     self.compiles: collections.Counter = collections.Counter()
     self._graph = self._state = self._run = None
 
-  def load(self, weights: Sequence[str]) -> None:
-    """Reads the trainable weights into the model and merges its LoRA into the base weights."""
+  def load(self, weights: Sequence[str], *, ema: bool = False) -> None:
+    """Reads the trainable weights (`ema`: their moving average from a training checkpoint)
+    into the model; merges its LoRA into the base weights when
+    `model.lora.merge_for_inference` is set."""
     if self._base is None:
       raise RuntimeError("weights are loaded already; build the Restorer with reloadable=True")
     flat_state = nnx.to_flat_state(self._params)
     targets = {".".join(map(str, path)): var.get_value() for path, var in flat_state}
-    values = read_weights(weights, targets, models.ModelSpec.from_config(self.cfg.model))
+    values = cotir_files.read_trainable(weights, targets, self.family,
+                                        item="ema" if ema else "params")
     for path, var in flat_state:
       old = var.get_value()
       var.set_value(jax.device_put(np.asarray(values[".".join(map(str, path))]).astype(old.dtype),
                                    old.sharding))
-    model = models.merge_lora(nnx.merge(self._model_graph, nnx.from_flat_state(flat_state),
-                                        self._base))
+    model = inference_model(self.cfg, nnx.merge(self._model_graph,
+                                                nnx.from_flat_state(flat_state), self._base))
     graph, state = nnx.split(model)
     if self._graph is not None and graph != self._graph:
       raise RuntimeError("the merged model changed structure between loads")
@@ -361,7 +373,7 @@ class Restorer:
       return sampler.restore_images(
           model, nnx.merge(self.encoder_graphs["vae"], encoders["vae"]), batch["lq"], txt,
           family=family, num_steps=batch["timesteps"].shape[1] - 1, keys=keys, vec=vec,
-          guidance=guidance, timesteps=batch["timesteps"], dtype=obj.input_dtype(cfg.compat))
+          guidance=guidance, timesteps=batch["timesteps"], compat=cfg.compat)
 
     return jax.jit(run, out_shardings=self.batch_sharding)
 
@@ -376,7 +388,8 @@ class Restorer:
     if self._run is None:
       raise RuntimeError("load weights first")
     batch = jax.device_put(batch, self.batch_sharding)
-    with sharding.activation_sharding(self.mesh, self.rules):
+    # traced under the mesh: the splash kernel's shard_map partitions over it (models/attention.py)
+    with jax.set_mesh(self.mesh), sharding.activation_sharding(self.mesh, self.rules):
       return self._run(self._state, self.encoders, batch, jnp.uint32(seed))
 
   # ---------------------------------------------------------------------------- the loop
@@ -460,47 +473,49 @@ def _write(images, loaded, bar) -> int:
 
 # ----------------------------------------------------------------------------- CLI
 
-def main(argv: Sequence[str] | None = None) -> int:
-  try:
-    cfg, rest = config_lib.parse_cli(argv)
-  except config_lib.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  p = argparse.ArgumentParser(prog="python -m cotir_jax.restore", description=__doc__.splitlines()[0])
+def _parser() -> cli.ArgumentParser:
+  p = cli.ArgumentParser(prog="python -m cotir_jax.restore", description=__doc__, config=True)
   p.add_argument("--weights", nargs="+", required=True,
                  help="training workdir / checkpoint step / cotir_to_orbax output, or upstream "
                       "lora.pt + cot_adapter.pt (two files or their directory)")
+  p.add_argument("--ema", action="store_true",
+                 help="restore with the moving average of the weights that a training "
+                      "checkpoint keeps when training.ema_decay > 0")
   p.add_argument("--input", required=True,
-                 help="an image, a directory of images, a test JSONL or a CoTIR-Bench directory")
+                 help="an image, a directory of images, a test JSONL, a CoTIR-Bench directory or "
+                      "a paired layout (CDD-11 split, hq/ + lq/, manifest of lq / hq pairs)")
   p.add_argument("--out", required=True, help="output directory")
-  p.add_argument("--prompt", default=None,
-                 help=f"text or a .txt file (default inference.prompt: {cfg.inference.prompt!r})")
+  p.add_argument("--prompt", default=None, help="text or a .txt file (default inference.prompt)")
   p.add_argument("--lq_dir", default=None, help="JSONL input: image directory (default <jsonl dir>/lq)")
   for flag in ("num_steps", "seed", "max_long_edge", "batch_size"):
     p.add_argument(f"--{flag}", type=int, default=None, help=f"default inference.{flag}")
-  args = p.parse_args(rest)
-  try:
-    for flag in ("num_steps", "seed", "max_long_edge", "batch_size"):
-      if getattr(args, flag) is not None:
-        config_lib.apply_override(cfg, f"inference.{flag}={getattr(args, flag)}")
-    config_lib.validate(cfg)
-    configure_compiler(cfg)
-    jobs, skipped = collect_jobs(args.input, args.out, prompt=args.prompt,
-                                 default_prompt=cfg.inference.prompt, lq_dir=args.lq_dir,
-                                 cache_dir=cfg.data.index_cache_dir)
-    for name, reason in skipped:
-      print(f"skipped {name}: {reason}", file=sys.stderr)
-    for w in args.weights:  # before the model is built
-      if not os.path.exists(w):
-        raise RestoreError(f"--weights {w!r} does not exist")
-    restorer = Restorer(cfg)
-    restorer.load(args.weights)
-    inf = cfg.inference
-    summary = restorer.restore(jobs, num_steps=inf.num_steps, seed=inf.seed,
-                               batch_size=inf.batch_size, max_long_edge=inf.max_long_edge)
-  except (RestoreError, ConversionError, config_lib.ConfigError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+  cfg, args = cli.parse(_parser(), argv)
+  for flag in ("num_steps", "seed", "max_long_edge", "batch_size"):
+    if getattr(args, flag) is not None:
+      config_lib.apply_override(cfg, f"inference.{flag}={getattr(args, flag)}")
+  config_lib.validate(cfg)
+  jobs, skipped = collect_jobs(args.input, args.out, prompt=args.prompt,
+                               default_prompt=cfg.inference.prompt, lq_dir=args.lq_dir,
+                               cache_dir=cfg.data.index_cache_dir)
+  for name, reason in skipped:
+    print(f"skipped {name}: {reason}", file=sys.stderr)
+  for w in args.weights:  # before the model is built
+    if not os.path.exists(w):
+      raise RestoreError(f"--weights {w!r} does not exist")
+  configure_compiler(cfg)
+  restorer = Restorer(cfg)
+  restorer.load(args.weights, ema=args.ema)
+  summary = restorer.restore(jobs, num_steps=cfg.inference.num_steps, seed=cfg.inference.seed,
+                             batch_size=cfg.inference.batch_size,
+                             max_long_edge=cfg.inference.max_long_edge)
   skipped += summary["skipped"]
   print(f"cotir_jax: restored {summary['restored']} image(s) into {args.out}; skipped "
         f"{len(skipped)}; {len(summary['buckets'])} size bucket(s), "

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cotir_jax.train import objective as obj
+from cotir_jax import latents
 
 
 def _time_shift(mu: float, ts: np.ndarray) -> np.ndarray:
@@ -72,7 +72,7 @@ def schedule(family: str, num_steps: int, image_seq_len: int) -> list[float]:
 def euler_sample(velocity_fn: Callable, x_c: jax.Array, img_ids: jax.Array, cond_ids: jax.Array,
                  txt: jax.Array, txt_ids: jax.Array, *, num_steps: int, family: str,
                  key: jax.Array | None, vec: jax.Array | None = None, guidance: float | None = 4.0,
-                 noise: jax.Array | None = None, dtype=None,
+                 noise: jax.Array | None = None, dtype=None, state_dtype=jnp.float32,
                  timesteps: jax.Array | None = None) -> jax.Array:
   """Restores target tokens [B, N_tgt, C] from clean conditioning tokens x_c [B, N_cnd, C].
 
@@ -80,12 +80,19 @@ def euler_sample(velocity_fn: Callable, x_c: jax.Array, img_ids: jax.Array, cond
   all image tokens (e.g. `lambda *a: model(*a)[0]`); only the first N_tgt are used. The target
   has x_c's shape (N_tgt = N_cnd in CoTIR). The schedule is static (num_steps and N are
   shapes), the loop is a `fori_loop`, so the whole call can sit under `jax.jit`.
-  `noise` overrides the N(0, I) start drawn from `key`; `dtype` is the token dtype fed to the
-  model (x_c's dtype by default; bf16 reproduces upstream's bf16 inference). `timesteps`
-  [B, num_steps + 1] gives every sample its own schedule (images padded to a shared shape keep
-  the schedule of their own token count); default: `schedule(family, num_steps, N_tgt)`.
+  `noise` overrides the N(0, I) start drawn from `key`. `timesteps` [B, num_steps + 1] gives
+  every sample its own schedule (images padded to a shared shape keep the schedule of their
+  own token count); default: `schedule(family, num_steps, N_tgt)`.
+
+  Dtypes follow upstream's loop and torch's type promotion: every model input is cast to
+  `dtype` (x_c's dtype by default) and the velocity is taken in `dtype`, as a model run in its
+  weights' dtype returns it; the noise and x_c are rounded to `state_dtype` (upstream: its
+  autoencoder latents' dtype, `latents.latent_dtype`) and the state lives in the wider of the
+  two; each step adds dt·v after rounding that product to `dtype`. The timestep and the
+  guidance pass through the state's dtype on their way to `dtype`. Returns the final state.
   """
-  dtype = dtype or x_c.dtype
+  dtype = jnp.dtype(dtype or x_c.dtype)
+  carry = jnp.promote_types(state_dtype, dtype)
   b, n_tgt = x_c.shape[0], x_c.shape[1]
   if timesteps is None:
     timesteps = jnp.asarray(schedule(family, num_steps, n_tgt), jnp.float32)
@@ -93,42 +100,48 @@ def euler_sample(velocity_fn: Callable, x_c: jax.Array, img_ids: jax.Array, cond
   if noise is None and key is None:
     raise ValueError("euler_sample needs a PRNG key (or the starting noise)")
   x = noise if noise is not None else jax.random.normal(key, x_c.shape, jnp.float32)
-  x = x.astype(dtype)
-  ids = jnp.concatenate([img_ids, cond_ids], axis=1)
-  g = None if guidance is None else jnp.full((b,), guidance, dtype)
-  cond = x_c.astype(dtype)
+  x = x.astype(state_dtype).astype(carry)
+  cond = x_c.astype(state_dtype).astype(dtype)
+  ids = jnp.concatenate([img_ids, cond_ids], axis=1).astype(dtype)
+  txt, txt_ids = txt.astype(dtype), txt_ids.astype(dtype)
+  vec = None if vec is None else vec.astype(dtype)
+  g = None if guidance is None else jnp.full((b,), guidance, state_dtype).astype(dtype)
 
   def body(i, x):
+    # upstream rounds t to its state's dtype: state_dtype at step 0, where t = 1 is exact in any
     t_cur, t_next = ts[:, i], ts[:, i + 1]
-    v = velocity_fn(jnp.concatenate([x, cond], axis=1), ids, txt, txt_ids, t_cur.astype(dtype),
-                    vec, g)
-    v = v[:, :n_tgt]
-    dt = (t_next - t_cur)[:, None, None]
-    return (x.astype(jnp.float32) + dt * v.astype(jnp.float32)).astype(dtype)
+    img = jnp.concatenate([x.astype(dtype), cond], axis=1)
+    v = velocity_fn(img, ids, txt, txt_ids, t_cur.astype(carry).astype(dtype), vec, g)
+    v = v[:, :n_tgt].astype(dtype).astype(jnp.float32)
+    dt = (t_next - t_cur)[:, None, None]  # torch: a Python float, as float32 in the product
+    update = (dt * v).astype(dtype)
+    return (x.astype(jnp.float32) + update.astype(jnp.float32)).astype(carry)
 
   return jax.lax.fori_loop(0, num_steps, body, x)
 
 
 def restore_images(model, vae, lq: jax.Array, txt: jax.Array, *, family: str, num_steps: int,
                    keys: jax.Array, vec: jax.Array | None = None, guidance: float | None = None,
-                   timesteps: jax.Array | None = None, dtype=None) -> jax.Array:
+                   timesteps: jax.Array | None = None, compat: str = "default") -> jax.Array:
   """LQ images [B, H, W, 3] in [-1, 1] → restored images of the same shape (spec §15).
 
   The VAE latent tokens of the LQ images condition `num_steps` Euler steps of the CoTIR
   `model` on text features `txt` (`vec`: FLUX.1's CLIP vector), starting from N(0, I) noise
   drawn per sample from `keys` [B] (a result does not depend on its batch mates); the VAE
-  decodes the final tokens. H and W are multiples of 16.
+  decodes the final tokens. H and W are multiples of 16. `compat="upstream"` samples with
+  upstream's dtypes (`latents.input_dtype`, `latents.latent_dtype`).
   """
   lat = vae.encode(lq)
-  x_c = obj.image_tokens(lat, family)
-  grid = obj.token_grid(lat.shape, family)
-  ids_tgt, ids_cnd, txt_ids = obj.position_ids(lq.shape[0], grid, txt.shape[1], family)
+  x_c = latents.image_tokens(lat, family)
+  grid = latents.token_grid(lat.shape, family)
+  ids_tgt, ids_cnd, txt_ids = latents.position_ids(lq.shape[0], grid, txt.shape[1], family)
   noise = jax.vmap(lambda k: jax.random.normal(k, x_c.shape[1:], jnp.float32))(keys)
   tokens = euler_sample(
       lambda img, ids, t, t_ids, ts, v, g: model(img, ids, t, t_ids, ts, vec=v, guidance=g)[0],
       x_c, ids_tgt, ids_cnd, txt, txt_ids, num_steps=num_steps, family=family, key=None,
-      vec=vec, guidance=guidance, noise=noise, dtype=dtype, timesteps=timesteps)
-  return vae.decode(obj.tokens_to_latents(tokens, grid, family))
+      vec=vec, guidance=guidance, noise=noise, dtype=latents.input_dtype(compat),
+      state_dtype=latents.latent_dtype(family, compat), timesteps=timesteps)
+  return vae.decode(latents.tokens_to_latents(tokens, grid, family))
 
 
 def to_uint8(images) -> np.ndarray:

@@ -23,10 +23,16 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from cotir_jax.cli import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 Rule = str | tuple[str, ...] | None
+
+
+class MeshError(UserError, ValueError):
+  """The mesh does not fit the devices or the stages' batches; the message says what would."""
 
 # logical name → mesh axis / axes (None = replicated). Overridable per config (`mesh.rules`).
 DEFAULT_RULES: dict[str, Rule] = {
@@ -50,19 +56,19 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
   free = [i for i, s in enumerate(sizes) if s == -1]
   if len(free) > 1:
-    raise ValueError(f"mesh: only one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    raise MeshError(f"mesh: only one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
   fixed = math.prod(s for s in sizes if s != -1)
   if any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"mesh axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+    raise MeshError(f"mesh axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
   if free:
     if num_devices % fixed:
-      raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not a "
-                       f"multiple of the fixed axes' product {fixed}")
+      raise MeshError(f"mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not a "
+                      f"multiple of the fixed axes' product {fixed}")
     sizes[free[0]] = num_devices // fixed
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices but "
-                     f"{num_devices} are available; set mesh.data/fsdp/tensor so that the "
-                     f"product matches, or use -1 for one axis")
+    raise MeshError(f"mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices but "
+                    f"{num_devices} are available; set mesh.data/fsdp/tensor so that the "
+                    f"product matches, or use -1 for one axis")
   return tuple(sizes)
 
 
@@ -74,7 +80,7 @@ def fit_batches(shape: Sequence[int], free_axis: str | None, batches: Sequence[i
   global batch does not divide data × fsdp, that axis shrinks to its largest divisor that fits
   every batch and the rest of its devices go to tensor parallelism (heads / MLP columns), so
   every stage still uses every chip; e.g. 16 chips with batches (48, 32, 16, 8) → fsdp 8,
-  tensor 2. Returns (shape, note for the start-up line or None). Raises ValueError naming a
+  tensor 2. Returns (shape, note for the start-up line or None). Raises MeshError naming a
   working mesh when no such move is possible (fixed axes, or heads not divisible).
   """
   data, fsdp, tensor = (int(x) for x in shape)
@@ -92,7 +98,7 @@ def fit_batches(shape: Sequence[int], free_axis: str | None, batches: Sequence[i
         return new, (f"global batches {tuple(batches)} do not divide {data * fsdp} chips: "
                      f"mesh.{free_axis}={keep}, mesh.tensor={move} (tensor parallelism for the rest)")
   hint = suggest_mesh(n, batches, num_heads)
-  raise ValueError(
+  raise MeshError(
       f"mesh data={data} × fsdp={fsdp} = {data * fsdp} does not divide the global batch "
       f"{bad[0]} (training.batch_sizes={tuple(batches)}); the batch is sharded over data × fsdp. "
       + (f"A mesh that works on {n} devices: --config.mesh.data={hint[0]} "

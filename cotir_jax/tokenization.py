@@ -19,8 +19,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from cotir_jax.cli import UserError
 
-class TokenizerError(ValueError):
+
+class TokenizerError(UserError, ValueError):
   """A missing or unusable tokenizer directory; the message names the path."""
 
 

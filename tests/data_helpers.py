@@ -95,3 +95,29 @@ def corruption_fixture(root: Path) -> tuple[Path, set[str]]:
   raw = cut.read_bytes()
   cut.write_bytes(raw[: 512 * 2 + len(ok) + 512 * 2 + len(ok) // 3])  # inside the lq.png data
   return root, good
+
+
+CDD11_TYPES = {"low": ["low_light"], "haze": ["haze"], "rain": ["rain"],
+               "low_haze_rain": ["haze", "rain", "low_light"], "foggy_night": ["haze", "low_light"]}
+
+
+def paired_fixture(root: Path, layout: str = "cdd11", *, size: int = 40, height: int | None = None,
+                   n: int = 3, seed: int = 0, types=CDD11_TYPES) -> Path:
+  """A tiny paired set built now from scikit-image's photographs and the sample script's synthetic
+  degradations: `cdd11` (clear/ + type folders) or `hq_lq` (hq/ + lq/<type>/), images `size`
+  wide and `height` (default `size`) high. Returns root."""
+  mod = sample_script()
+  rng = np.random.default_rng(seed)
+  photos = [mod.square(mod.load_photo(p), size, rng)[:height] for p in list(mod.PHOTOS)[:n]]
+  clean_dir, type_dir = (root / "clear", root) if layout == "cdd11" else (root / "hq", root / "lq")
+  clean_dir.mkdir(parents=True, exist_ok=True)
+  for i, hq in enumerate(photos):
+    Image.fromarray(hq).save(clean_dir / f"{i:03d}.png")
+  for deg_type, comps in types.items():
+    (type_dir / deg_type).mkdir(parents=True, exist_ok=True)
+    for i, hq in enumerate(photos):
+      lq, info = hq, {}
+      for c in comps:
+        lq = mod.degrade(lq, c, np.random.default_rng([seed, i, len(deg_type)]), info)
+      Image.fromarray(lq).save(type_dir / deg_type / f"{i:03d}.png")
+  return root

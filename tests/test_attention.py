@@ -1,12 +1,13 @@
 """Attention kernels behind `model.attention` (models/attention.py) against the XLA path.
 
 Splash runs its real Pallas kernel code on CPU in interpret mode (small shapes: the interpreter
-is slow); the TPU test compiles it ahead of time for a v5e topology at a full-size shape; the
-cuDNN test needs a CUDA GPU.
+is slow); the TPU tests compile it ahead of time for a v5e topology (libtpu, no TPU needed); the
+cuDNN test needs a CUDA GPU. The kernel choice ("auto", fallbacks per part) is plain Python.
 """
 
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from cotir_jax import config
-from cotir_jax.models import attention, layers
+from cotir_jax.models import attention
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 XLA = attention.AttentionSpec("xla")
@@ -32,13 +33,12 @@ def _qkv(b, lq, lk, h, d, dtype):
   return tuple(jnp.asarray(rng.normal(size=(b, n, h, d)), dtype) for n in (lq, lk, lk))
 
 
-def _value_and_grads(spec, q, k, v):
-  """layers.attend's output and the gradients of a fixed random projection of it."""
-  b, lq, h, d = q.shape
-  w = np.random.default_rng(1).normal(size=(b, lq, h * d)).astype(np.float32)
+def _value_and_grads(spec, q, k, v, **kw):
+  """attention.attend's output and the gradients of a fixed random projection of it."""
+  w = np.random.default_rng(1).normal(size=q.shape).astype(np.float32)
 
   def loss(q, k, v):
-    out = layers.attend(q, k, v, spec)
+    out = attention.attend(q, k, v, spec, **kw)
     return jnp.sum(out.astype(jnp.float32) * w), out
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)).lower(q, k, v)
   (_, out), grads = step.compile(FAST_COMPILE)(q, k, v)
@@ -47,6 +47,42 @@ def _value_and_grads(spec, q, k, v):
 
 def _rel(a, ref):
   return float(np.max(np.abs(a - ref)) / np.max(np.abs(ref)))
+
+
+def test_resolve():
+  """"auto" is the platform's fused kernel where one serves the compute dtype, else xla."""
+  assert attention.resolve("auto", platform="tpu", dtype=jnp.float32) == "splash"
+  assert attention.resolve("auto", platform="cuda", dtype=jnp.bfloat16) == "cudnn"
+  assert attention.resolve("auto", platform="gpu", dtype="float16") == "cudnn"
+  assert attention.resolve("auto", platform="cuda", dtype="float32") == "xla"
+  assert attention.resolve("auto", platform="cpu", dtype="bfloat16") == "xla"
+  for name in ("xla", "cudnn", "splash"):
+    assert attention.resolve(name, platform="cpu", dtype="float32") == name
+  with pytest.raises(ValueError, match="model.attention='flash'.*'auto'"):
+    attention.resolve("flash", platform="tpu", dtype="bfloat16")
+
+
+def test_kernels_by_part():
+  """Per part, for the target platform: T5's position bias keeps FLUX.1's T5 on xla under
+  splash; float32 keeps the tiny models off cuDNN; an explicit kernel the platform lacks is xla."""
+  load = lambda name, *o: config.load(os.path.join(REPO, "configs", name), list(o))
+  klein, kontext, tiny = load("cotir_4b.py"), load("cotir_12b.py"), load("tiny.py")
+  splash = {"backbone": "splash", "cot_adapter": "splash", "text_encoder": "splash"}
+  assert attention.kernels_by_part(klein, "tpu") == splash
+  assert attention.kernels_by_part(klein, "cuda") == {k: "cudnn" for k in splash}
+  assert attention.kernels_by_part(klein, "cpu") == {k: "xla" for k in splash}
+  assert attention.kernels_by_part(kontext, "tpu") == {
+      **splash, "text_encoder": "xla (T5 relative-position bias: no splash support)",
+      "clip": "splash"}
+  assert set(attention.kernels_by_part(kontext, "cuda").values()) == {"cudnn"}
+  assert attention.kernels_by_part(tiny, "cuda") == {k: "xla" for k in splash}
+  assert attention.kernels_by_part(load("tiny.py", "model.attention=cudnn"), "cuda")[
+      "backbone"] == "xla (float32: cudnn takes bf16 / fp16)"
+  assert attention.kernels_by_part(load("tiny.py", "model.attention=splash"), "cpu")[
+      "text_encoder"] == "xla (splash needs a TPU, this is cpu)"
+  assert attention.describe(attention.kernels_by_part(klein, "tpu")) == "splash"
+  assert attention.describe(attention.kernels_by_part(kontext, "tpu")).startswith(
+      "backbone splash, cot_adapter splash, text_encoder xla (T5")
 
 
 # Lengths 200 and 72 are not multiples of the 128 block: keys and queries are padded.
@@ -66,6 +102,17 @@ def test_splash_matches_xla_bfloat16():
   for name, a, ref, truth in zip(("out", "dq", "dk", "dv"), _value_and_grads(SPLASH, q, k, v),
                                  _value_and_grads(XLA, q, k, v), exact):
     assert _rel(a, truth) <= 2 * _rel(ref, truth) + 1e-3, (name, _rel(a, truth), _rel(ref, truth))
+
+
+def test_splash_causal_padding_grouped_queries_float32():
+  """The text encoders' case: causal, right-padded keys per row (lengths 200 and 75) and 4 query
+  heads over 2 key / value heads; every query row (padded ones too) as XLA computes it."""
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 200, n, 64)), jnp.float32) for n in (4, 2, 2))
+  kw = dict(causal=True, kv_lengths=jnp.asarray([200, 75], jnp.int32))
+  for name, a, ref in zip(("out", "dq", "dk", "dv"), _value_and_grads(SPLASH, q, k, v, **kw),
+                          _value_and_grads(XLA, q, k, v, **kw)):
+    assert _rel(a, ref) <= 2e-5, (name, _rel(a, ref))
 
 
 def test_splash_residuals_are_named_for_remat():
@@ -141,9 +188,9 @@ def test_splash_under_a_mesh_on_4_devices():
 FULL = (2, 2560, 24, 128)  # B, L (512 text + 2·(512/16)² image tokens), heads, head dim
 
 
-def _compile_for_v5e(monkeypatch, implementation: str, grad: bool, mesh_shape=(1, 2, 2)):
-  """AOT-compiles one bf16 attention at the FULL shape for v5e chips: batch over (data, fsdp),
-  heads over tensor. `grad`: forward + backward to q, k, v."""
+def _compile_for_v5e(monkeypatch, fn, shape, mesh_shape=(1, 2, 2)):
+  """AOT-compiles `fn(q, k, v)` on bf16 [B, L, H, D] = `shape` for v5e chips: batch over
+  (data, fsdp), heads over tensor."""
   pytest.importorskip("libtpu", reason="libtpu is needed to compile for a TPU topology")
   from jax.experimental import topologies
   from jax.sharding import Mesh, NamedSharding
@@ -153,20 +200,26 @@ def _compile_for_v5e(monkeypatch, implementation: str, grad: bool, mesh_shape=(1
   devices = np.array(topo.devices[:math.prod(mesh_shape)]).reshape(mesh_shape)
   mesh = Mesh(devices, ("data", "fsdp", "tensor"))
   sh = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
-  args = [jax.ShapeDtypeStruct(FULL, jnp.bfloat16, sharding=sh)] * 3
-  spec = attention.AttentionSpec(implementation)
-  fn = lambda q, k, v: attention.attend(q, k, v, spec)
-  if grad:
-    fn = jax.grad(lambda q, k, v: jnp.sum(attention.attend(q, k, v, spec).astype(jnp.float32)),
-                  argnums=(0, 1, 2))
+  args = [jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=sh)] * 3
   # conftest's "highest" would ask Mosaic for fp32 contraction of bf16 operands, which it rejects.
   with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
     return jax.jit(fn).lower(*args).compile()
 
 
+def _full_attention(monkeypatch, implementation: str, grad: bool, mesh_shape=(1, 2, 2)):
+  """One attention at the FULL shape; `grad`: forward + backward to q, k, v. The spec names no
+  platform: "auto" resolves for the mesh the program is traced under, not this CPU."""
+  spec = attention.AttentionSpec(implementation)
+  fn = lambda q, k, v: attention.attend(q, k, v, spec)
+  if grad:
+    fn = jax.grad(lambda q, k, v: jnp.sum(attention.attend(q, k, v, spec).astype(jnp.float32)),
+                  argnums=(0, 1, 2))
+  return _compile_for_v5e(monkeypatch, fn, FULL, mesh_shape)
+
+
 def test_splash_compiles_for_tpu_v5e(monkeypatch):
   """Forward + backward compile for real TPUs on a 2x2 mesh, with no [B, H, L, L] scores."""
-  compiled = _compile_for_v5e(monkeypatch, "splash", grad=True)
+  compiled = _full_attention(monkeypatch, "auto", grad=True)
   assert "tpu_custom_call" in compiled.as_text()
   b, l, h, _ = FULL
   scores_per_chip = b * h * l * l * 4 // 4  # float32 scores of one chip's quarter
@@ -174,11 +227,29 @@ def test_splash_compiles_for_tpu_v5e(monkeypatch):
   assert temp < scores_per_chip // 16, (temp, scores_per_chip)
 
 
+@pytest.mark.parametrize("policy,forward_runs", [("full", 2), ("save_attention", 1),
+                                                 ("offload_attention", 1)])
+def test_splash_remat_policies_compile_for_v5e(monkeypatch, policy, forward_runs):
+  """Splash forward + backward under shard_map on a 2x2 mesh, rematerialised with a policy:
+  those that save its residuals (layers.REMAT_POLICIES) run the forward kernel once, `full`
+  runs it again in the backward pass."""
+  from cotir_jax.models import layers
+  spec = attention.AttentionSpec("splash")
+  block = jax.checkpoint(lambda q, k, v: jnp.sum(jnp.sin(attention.attend(q, k, v, spec))
+                                                 .astype(jnp.float32)),
+                         policy=layers.REMAT_POLICIES[policy]())
+  hlo = _compile_for_v5e(monkeypatch, jax.value_and_grad(block, argnums=(0, 1, 2)),
+                         (4, 256, 4, 128)).as_text()
+  kernels = [re.search(r"splash_mha_(fwd|dq|dkv)", line).group(1) for line in hlo.splitlines()
+             if 'custom_call_target="tpu_custom_call"' in line]
+  assert kernels.count("fwd") == forward_runs and {"dq", "dkv"} <= set(kernels), kernels
+
+
 @pytest.mark.benchmark
 def test_attention_memory_on_v5e(monkeypatch):
   """Compiled temp memory of one FULL attention on one v5e chip, xla vs splash."""
   for grad in (False, True):
-    temp = {impl: _compile_for_v5e(monkeypatch, impl, grad, (1, 1, 1)).memory_analysis()
+    temp = {impl: _full_attention(monkeypatch, impl, grad, (1, 1, 1)).memory_analysis()
             .temp_size_in_bytes for impl in ("xla", "splash")}
     print(f"{'fwd+bwd' if grad else 'fwd'}: " + ", ".join(f"{k} {v / 2**20:.1f} MiB"
                                                           for k, v in temp.items()))
@@ -194,10 +265,24 @@ def _has_cuda() -> bool:
 
 @pytest.mark.skipif(not _has_cuda(), reason="cuDNN attention needs a CUDA GPU visible to JAX "
                     "(conftest pins JAX_PLATFORMS=cpu unless set: run with JAX_PLATFORMS=cuda,cpu)")
-def test_cudnn_matches_xla():
-  q, k, v = jax.device_put(_qkv(2, 72, 200, 2, 64, jnp.bfloat16), jax.devices("cuda")[0])
-  exact = _value_and_grads(XLA, *(x.astype(jnp.float32) for x in (q, k, v)))
-  for name, a, ref, truth in zip(("out", "dq", "dk", "dv"),
-                                 _value_and_grads(attention.AttentionSpec("cudnn"), q, k, v),
-                                 _value_and_grads(XLA, q, k, v), exact):
+@pytest.mark.parametrize("case", ["cross", "causal_padding_grouped", "bias"])
+def test_cudnn_matches_xla(case):
+  """The backbone's cross attention, the text encoders' causal + right padding + grouped
+  queries (kv_lengths → cuDNN's padding mode), and T5's additive bias, in bf16."""
+  cuda = jax.devices("cuda")[0]
+  spec = attention.AttentionSpec("cudnn")
+  assert attention.select(spec, dtype=jnp.bfloat16, head_dim=64)[0] == "cudnn"
+  rng = np.random.default_rng(2)
+  if case == "cross":
+    q, k, v = _qkv(2, 72, 200, 2, 64, jnp.bfloat16)
+    kw = {}
+  else:
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 200, n, 64)), jnp.bfloat16) for n in (4, 2, 2))
+    kw = (dict(causal=True, kv_lengths=jnp.asarray([200, 75], jnp.int32))
+          if case == "causal_padding_grouped"
+          else dict(scale=1.0 / 8, bias=jnp.asarray(rng.normal(size=(1, 4, 200, 200)), jnp.float32)))
+  q, k, v, kw = jax.device_put((q, k, v, kw), cuda)
+  exact = _value_and_grads(XLA, *(x.astype(jnp.float32) for x in (q, k, v)), **kw)
+  for name, a, ref, truth in zip(("out", "dq", "dk", "dv"), _value_and_grads(spec, q, k, v, **kw),
+                                 _value_and_grads(XLA, q, k, v, **kw), exact):
     assert _rel(a, truth) <= 2 * _rel(ref, truth) + 1e-3, (name, _rel(a, truth), _rel(ref, truth))

@@ -60,8 +60,8 @@ def _vae(family):
   kw = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
             up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(c.block_out_channels),
             layers_per_block=c.layers_per_block, latent_channels=c.latent_channels,
-            norm_num_groups=c.norm_num_groups, sample_size=c.sample_size,
-            use_quant_conv=c.use_quant_conv, use_post_quant_conv=c.use_post_quant_conv)
+            norm_num_groups=c.norm_num_groups, use_quant_conv=c.use_quant_conv,
+            use_post_quant_conv=c.use_post_quant_conv)
   if family == "flux2":
     vae = diffusers.AutoencoderKLFlux2(**kw, batch_norm_eps=c.batch_norm_eps,
                                        patch_size=tuple(c.patch_size))

@@ -147,6 +147,42 @@ def test_merged_equals_unmerged(name):
   assert np.abs(unmerged - without).max() > 1e-3  # upstream init really perturbs the base
 
 
+@pytest.mark.parametrize("use_bias", [True, False])  # FLUX.1's layers have biases, FLUX.2's not
+def test_upstream_merge_rounds_as_upstream(use_bias):
+  """merge_lora(upstream=True) = upstream's `_merge_lora_into_base` on bf16 weights, bitwise:
+  the float32 update s·B A is rounded to bf16 before it is added; a missing bias starts at
+  zero. A and B are multiples of 1/64, so their float32 product is exact in both frameworks
+  whatever the summation order. The default rounds W + s·A B once."""
+  from cotir_jax.models.spec import LoRASpec
+  rng = np.random.default_rng(0)
+  a, b = rng.integers(-64, 65, (16, 4)) / 64, rng.integers(-64, 65, (4, 24)) / 64
+  b_bias = rng.standard_normal(24)
+
+  def layer():
+    d = Dense(16, 24, use_bias=use_bias, axes=(None, None), dtype=jnp.bfloat16,
+              param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0),
+              lora=LoRASpec(rank=4, scale=0.5, init="upstream"))
+    for var, value in ((d.lora.a, a), (d.lora.b, b), (d.lora.b_bias, b_bias)):
+      var[...] = jnp.asarray(value, jnp.bfloat16)
+    return d
+
+  base, bf16 = layer(), torch.bfloat16
+  w = _t(base.kernel[...]).to(bf16).T.clone()  # torch's Linear layout, [out, in]
+  bias = _t(base.bias[...]).to(bf16) if use_bias else torch.zeros(24, dtype=bf16)
+  lora_a, lora_b, lora_bias = _t(a.T).to(bf16), _t(b.T).to(bf16), _t(b_bias).to(bf16)
+  w.add_((torch.matmul(lora_b.to(torch.float32), lora_a.to(torch.float32)) * 0.5).to(w.dtype))
+  bias.add_((lora_bias.to(torch.float32) * 0.5).to(bias.dtype))
+  upstream = models.merge_lora(layer(), upstream=True)
+  np.testing.assert_array_equal(np.asarray(upstream.kernel[...], np.float32), w.T.float().numpy())
+  np.testing.assert_array_equal(np.asarray(upstream.bias[...], np.float32), bias.float().numpy())
+
+  once = np.asarray(models.merge_lora(layer()).kernel[...])
+  w0 = np.asarray(base.kernel[...], np.float32)
+  np.testing.assert_array_equal(once, (w0 + np.float32(0.5) * (np.float32(a) @ np.float32(b)))
+                                .astype(jnp.bfloat16))
+  assert (once.astype(np.float32) != w.T.float().numpy()).any()
+
+
 def test_lora_targets_and_ranks():
   cfg = config.load("configs/cotir_12b.py")
   model = nnx.eval_shape(lambda: models.CoTIR(cfg.model, rngs=nnx.Rngs(0)))

@@ -38,7 +38,11 @@ def test_batch_layout(shared):
   for t in D.TEXT_FIELDS:
     assert b[f"{t}_qwen_ids"].shape == (3, 32) and b[f"{t}_qwen_mask"].dtype == np.int32
   assert set(b["meta"]) >= {"key", "shard", "deg_type", "gen", "spe", "position"}
-  assert set(next(_it(shared, tokenizers={}))) == {"hq", "lq", "meta"}
+  assert set(next(_it(shared, tokenizers={}))) == {"hq", "lq", "answer_mask", "meta"}
+  np.testing.assert_array_equal(b["answer_mask"], np.ones((3, 3), np.int32))  # CoTIR-Bench: all answers
+  none = next(_it(shared, bs=3, cot_answers="none"))
+  np.testing.assert_array_equal(none["answer_mask"], np.zeros((3, 3), np.int32))
+  assert none["meta"]["key"] == b["meta"]["key"] and none["meta"]["spe"] == b["meta"]["spe"]
 
 
 def test_balanced_each_type_once_per_cycle(shared):

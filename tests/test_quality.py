@@ -246,14 +246,15 @@ def test_evaluate_cli(tmp_path, capsys, monkeypatch):
   assert evaluate.main(["--results", str(out / "precise"), "--reference", str(out / "reference"),
                         "--metrics", "ssim,psnr"]) == 0
   assert (out / "precise" / evaluate.SUMMARY_NAME).read_text().startswith("method & psnr & ssim\n")
-  assert evaluate.main(argv + ["--metrics", "psnr,niqe"]) == 1
+  assert evaluate.main(argv + ["--metrics", "psnr,niqe"]) == 2
   assert "unknown ['niqe']" in capsys.readouterr().err
   monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
-  assert evaluate.main(argv[:4]) == 1  # LPIPS by default, weights nowhere
+  assert evaluate.main(argv[:4]) == 2  # LPIPS by default, weights nowhere
   err = capsys.readouterr().err
+  assert err.startswith("cotir_jax: error: LPIPS weights missing") and err.count("\n") == 1
   assert "pass --alexnet_weights" in err and "--metrics psnr,ssim" in err
   _write_png(out / "precise" / "a.png", hq["a.png"][:, :40])
-  assert evaluate.main(argv + ["--metrics", "psnr"]) == 1
+  assert evaluate.main(argv[:4] + ["--metrics", "psnr"]) == 2
   assert "a.png: result is 40×36 but the reference is 44×36" in capsys.readouterr().err
 
 

@@ -270,7 +270,7 @@ def _said(proc) -> list[str]:
 
 def test_second_trainer_exits_at_once_naming_the_holder(locked_run):
   h, second = locked_run.holder, locked_run.second
-  assert second.returncode == 1 and second.stdout == ""  # nothing built, no start-up summary
+  assert second.returncode == 2 and second.stdout == ""  # nothing built, no start-up summary
   assert _said(second) == [
       f"cotir_jax: error: workdir {locked_run.workdir} is in use by another training run (pid "
       f"{h['pid']} on host {h['host']}, started {h['started']}); wait for it to finish or stop it"]
@@ -283,7 +283,7 @@ def test_resume_with_a_changed_width_lists_the_fields(locked_run):
   proc = subprocess.run(_cmd(locked_run.workdir, *SHORT, "--config.model.hidden_size=128",
                              "--config.model.num_heads=4"), cwd=REPO, env=_env(),
                         capture_output=True, encoding="utf-8", timeout=300)
-  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
   ckpt_dir = locked_run.workdir / "checkpoints"
   assert proc.stderr.split("cotir_jax: error: ", 1)[1].splitlines() == [
       f"the config changes fields that define the checkpoint at step 8 in {ckpt_dir}; resume "
@@ -331,7 +331,7 @@ def test_read_only_workdir_fails_in_one_line_and_keeps_the_checkpoint(locked_run
   reason = os.strerror(errno.EACCES if prefix == [] else errno.EROFS)
   line = (f"workdir {path} is not writable ({reason}); point --workdir at a writable directory "
           "or fix its permissions")
-  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert _said(proc) == [f"cotir_jax: check: {line}", f"cotir_jax: error: {line}"]
   after = _flat(_params(path, 8))
   for k in before:

@@ -1,6 +1,7 @@
 """Text encoders against transformers: float32/bfloat16 parity of random models saved with
-`save_pretrained` and loaded by `load_text_encoder`, full-size parameter counts on torch's meta
-device, rule-table coverage, and config errors."""
+`save_pretrained` and loaded by `load_text_encoder`, through the XLA attention and the splash
+kernel (Pallas interpret mode on CPU), full-size parameter counts on torch's meta device,
+rule-table coverage, and config errors."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from flax import nnx
 from cotir_jax.convert import text as conv
 from cotir_jax.convert.core import ConversionError, check_coverage, flat_params
 from cotir_jax.models import text as T
+from cotir_jax.models.attention import AttentionSpec
 
 FP32_TOL = 2e-5
 # bfloat16: weights rounded to bf16 (already ~2% of the output scale for these random models),
@@ -38,10 +40,24 @@ def rel_err(ours, ref) -> float:
   return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
+# the splash kernel's own code in the Pallas interpreter; its 128-token tiles pad every length
+SPLASH = AttentionSpec("splash", block_q=128, block_kv=128, interpret=True)
+# An interpreted kernel is a large CPU program: skipping LLVM's optimisations halves its compile.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
 def apply(model, *args, **kw):
   """One jitted forward (eager op-by-op dispatch is much slower to run on CPU)."""
   graphdef, state = nnx.split(model)
-  return jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a, **kw))(state, *args)
+  fn = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a, **kw))
+  return fn.lower(state, *args).compile(FAST_COMPILE)(state, *args)
+
+
+def uses_pallas(model, *args, **kw) -> bool:
+  """Whether the traced forward calls a Pallas kernel (splash), not the XLA attention."""
+  graphdef, state = nnx.split(model)
+  return "pallas_call" in str(jax.make_jaxpr(
+      lambda st, *a: nnx.merge(graphdef, st)(*a, **kw))(state, *args))
 
 
 def perturb(model):
@@ -110,7 +126,20 @@ def test_qwen3_causal_lm_checkpoint_and_layer_choice(qwen):
   np.testing.assert_allclose(_run(unrolled, qwen["ids"], qwen["mask"]), out, rtol=0, atol=1e-6)
 
 
-def test_qwen3_bf16(qwen, tmp_path):
+def test_qwen3_splash_fp32(qwen):
+  """Causal + right padding (row 1 from position 7) + grouped queries (4 over 2) through the
+  splash kernel: all queries segment 1, real keys 1, padded keys 0 is transformers' mask,
+  padded query rows included; the 12 tokens are padded to 128 and sliced back."""
+  model = conv.load_text_encoder(str(qwen["base"] / "model"), hidden_layers=(1, 2, 3),
+                                 implementation=SPLASH)
+  ids, mask = (jnp.asarray(x.numpy(), jnp.int32) for x in (qwen["ids"], qwen["mask"]))
+  assert uses_pallas(model, ids, mask)
+  ref = np.concatenate([qwen["hs"][k] for k in (1, 2, 3)], axis=-1)
+  assert rel_err(_run(model, qwen["ids"], qwen["mask"]), ref) <= FP32_TOL
+
+
+@pytest.mark.parametrize("implementation", ["xla", SPLASH], ids=["xla", "splash"])
+def test_qwen3_bf16(qwen, tmp_path, implementation):
   lm = transformers.Qwen3ForCausalLM(qwen["lm"].config)
   lm.load_state_dict(qwen["lm"].state_dict())
   lm = lm.to(torch.bfloat16).eval()
@@ -120,7 +149,8 @@ def test_qwen3_bf16(qwen, tmp_path):
                   output_hidden_states=True).hidden_states
   ref_bf16 = torch.cat([hs[k] for k in (1, 2, 3)], -1).float().numpy()
   ref_fp32 = np.concatenate([qwen["hs"][k] for k in (1, 2, 3)], axis=-1)
-  model = conv.load_text_encoder(str(tmp_path), hidden_layers=(1, 2, 3))
+  model = conv.load_text_encoder(str(tmp_path), hidden_layers=(1, 2, 3),
+                                 implementation=implementation)
   assert model.embed_tokens.embedding[...].dtype == jnp.bfloat16
   out = apply(model, jnp.asarray(qwen["ids"].numpy()), jnp.asarray(qwen["mask"].numpy()))
   assert out.dtype == jnp.bfloat16
@@ -154,6 +184,15 @@ def test_t5_fp32_parity(t5):
   with torch.no_grad():
     ref_m = t5["model"](input_ids=t5["ids"], attention_mask=mask).last_hidden_state.numpy()
   assert rel_err(_run(model, t5["ids"], mask), ref_m) <= FP32_TOL
+
+
+def test_t5_asked_for_splash_runs_xla(t5):
+  """Splash has no additive bias: T5's relative positions keep it on the XLA attention."""
+  model = conv.load_text_encoder(t5["path"], implementation=SPLASH)
+  assert not uses_pallas(model, jnp.asarray(t5["ids"].numpy()))
+  with torch.no_grad():
+    ref = t5["model"](input_ids=t5["ids"]).last_hidden_state.numpy()
+  assert rel_err(_run(model, t5["ids"]), ref) <= FP32_TOL
 
 
 def test_t5_bf16_and_embed_tokens_only(t5, tmp_path):
@@ -198,6 +237,25 @@ def test_clip_fp32_parity(eos, tmp_path):
   assert rel_err(pooled, ref.pooler_output.numpy()) <= FP32_TOL
   assert rel_err(hidden, ref.last_hidden_state.numpy()) <= FP32_TOL
   np.testing.assert_array_equal(ours.pool_positions(jnp.asarray(ids.numpy())), [5, 9])
+
+
+def test_clip_length_77_splash_and_xla(tmp_path):
+  """CLIP's own 77 tokens, causal only (upstream passes no mask), through the splash kernel
+  (padded to 128: keys 77..127 are segment 0) and the XLA attention."""
+  torch.manual_seed(0)
+  cfg = transformers.CLIPTextConfig(**{**CLIP, "max_position_embeddings": 77}, eos_token_id=2)
+  model = perturb(transformers.CLIPTextModel(cfg))
+  model.save_pretrained(tmp_path)
+  ids = _ids((2, 77), 100, 5) + 10
+  ids[0, 20] = ids[1, 76] = 127                           # pooled at 20 and at the last token
+  with torch.no_grad():
+    ref = model(input_ids=ids)
+  for implementation in ("xla", SPLASH):
+    ours = conv.load_text_encoder(str(tmp_path), implementation=implementation)
+    assert uses_pallas(ours, jnp.asarray(ids.numpy())) == (implementation is SPLASH)
+    pooled, hidden = apply(ours, jnp.asarray(ids.numpy()), return_hidden=True)
+    assert rel_err(pooled, ref.pooler_output.numpy()) <= FP32_TOL
+    assert rel_err(hidden, ref.last_hidden_state.numpy()) <= FP32_TOL
 
 
 def test_clip_bf16_text_model_prefix(tmp_path):

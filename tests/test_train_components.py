@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from cotir_jax import config, sample
+from cotir_jax import config, latents, sample
 from cotir_jax.train import checkpoint, metrics, objective, optim
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,6 +73,14 @@ def _toy_cfg(compat="default"):
               "training.adam_weight_decay=0.1", "training.max_grad_norm=1.0", compat=compat)
 
 
+def _primal(opt_state, field):
+  """A field of the primal Adam state: `count`, or `mu` / `nu` as the parameters' tree."""
+  is_adam = lambda x: isinstance(x, optim.TorchAdamState)
+  adam = next(s for s in jax.tree.leaves(opt_state.inner_states["params"], is_leaf=is_adam)
+              if is_adam(s))
+  return adam.count if field == "count" else getattr(adam, field)["params"]
+
+
 def _toy_grads(rng, k):
   # large on even steps (clipping active), small on odd steps (no clipping)
   s = 3.0 if k % 2 == 0 else 0.05
@@ -95,7 +103,7 @@ def test_primal_update_matches_hand_written_clip_adamw(compat):
   v2 = {k: np.zeros_like(v) for k, v in p0.items()}
   for k in range(8):
     g = _toy_grads(rng, k)
-    # hand-written: torch clip_grad_norm_ + AdamW + floored warmup-cosine (spec §11.3, §11.4)
+    # hand-written: torch clip_grad_norm_ + AdamW + floored warmup-cosine
     norm = math.sqrt(sum(float(np.sum(x * x)) for x in g.values()))
     coef = min(1.0, t.max_grad_norm / (norm + 1e-6))
     f = k / 3 if k < 3 else 0.5 * (1 + math.cos(math.pi * (k - 3) / (10 - 3)))
@@ -112,8 +120,8 @@ def test_primal_update_matches_hand_written_clip_adamw(compat):
                              {"s": 0.0, "d": 0.0, "p": 0.0})
     upd, state = update(grads, state, params)
     params = optax.apply_updates(params, upd)
-    assert float(state.grad_norm) == pytest.approx(norm, rel=1e-5)
-    assert int(state.count) == k + 1
+    assert float(optim.grad_norm(state)) == pytest.approx(norm, rel=1e-5)
+    assert int(_primal(state, "count")) == k + 1
     for n in ref:
       np.testing.assert_allclose(np.asarray(params["params"][n]), ref[n], rtol=2e-5, atol=2e-6)
   if compat == "upstream":  # k = 0 ran at lr 0: the params changed only from step 1 on
@@ -122,7 +130,7 @@ def test_primal_update_matches_hand_written_clip_adamw(compat):
 
 def test_primal_update_matches_torch_adamw():
   """Reference check against torch: clip_grad_norm_ + AdamW + diffusers cosine + lr floor,
-  in upstream's order (spec §11.6), compat schedule (lr 0 on the first step)."""
+  in upstream's order, compat schedule (lr 0 on the first step)."""
   torch = pytest.importorskip("torch")
   from diffusers.optimization import get_scheduler
   cfg = _toy_cfg("upstream")
@@ -154,12 +162,15 @@ def test_primal_update_matches_torch_adamw():
                                  rtol=1e-5, atol=1e-6)
 
 
-def test_float32_adam_matches_torch_over_120_steps():
-  """Primal clip + AdamW and dual Adam + projection against torch in float32 for 120 steps.
+@pytest.mark.parametrize("compat", ["default", "upstream"])
+def test_float32_adam_matches_torch_over_120_steps(compat):
+  """Primal clip + AdamW and dual Adam + projection against torch in float32 for 120 steps
+  (compat="upstream" clips with the torch-rounding clip, a no-op rounding in float32).
 
-  The bias corrections must be exact: computed in float32, 1 − 0.999**t is 1.3e-5 too large
-  (relative) and every Adam step 6.6e-6 too small, which drifts λ by 6e-6 and the parameters by
-  1.5e-6–3e-6 here. Compiled without XLA's fusion and algebraic simplifier every operation rounds
+  The bias corrections must be exact: computed in float32 (optax.scale_by_adam), 1 − 0.999**t
+  is up to 1.3e-5 too large (relative) and every Adam step 6.6e-6 too small, which drifts λ by
+  8.5e-6 here; the decay must be torch's, rounded factor first (optax.add_decayed_weights:
+  1.6e-6). Compiled without XLA's fusion and algebraic simplifier every operation rounds
   as written, and the chain must then agree with torch to ≤ 1e-6; the normal compile may turn a
   multiply-add into one FMA and x / c into x·(1/c) (1-ulp noise, no drift: ≤ 4e-6)."""
   torch = pytest.importorskip("torch")
@@ -167,7 +178,7 @@ def test_float32_adam_matches_torch_over_120_steps():
              "training.patch_sizes=(128,)", "training.batch_sizes=(2,)",
              "training.learning_rate=0.01", "training.min_learning_rate=0.002",
              "training.adam_weight_decay=0.1", "training.max_grad_norm=1.0",
-             "training.lambda_lr=0.01")
+             "training.lambda_lr=0.01", compat=compat)
   t = cfg.training
   sched = optim.lr_schedule(cfg)
   rng = np.random.default_rng(0)
@@ -251,14 +262,15 @@ def test_bf16_update_matches_torch_bf16_adamw():
                              {"s": 0., "d": 0., "p": 0.})
     upd, state = update(grads, state, params)
     params = optax.apply_updates(params, upd)
-    assert float(state.grad_norm) == float(norm)
+    assert float(optim.grad_norm(state)) == float(norm)
     for n in tp:
       ours = np.asarray(params["params"][n].astype(jnp.float32))
       theirs = tp[n].detach().float().numpy()
-      assert params["params"][n].dtype == jnp.bfloat16 and state.mu[n].dtype == jnp.bfloat16
+      assert params["params"][n].dtype == jnp.bfloat16
+      assert _primal(state, "mu")[n].dtype == jnp.bfloat16
       assert np.mean(ours != theirs) <= 0.002, (k, n)          # rare 1-ulp differences
       np.testing.assert_allclose(ours, theirs, rtol=2 ** -7, atol=0)
-      np.testing.assert_allclose(np.asarray(state.nu[n].astype(jnp.float32)),
+      np.testing.assert_allclose(np.asarray(_primal(state, "nu")[n].astype(jnp.float32)),
                                  opt.state[tp[n]]["exp_avg_sq"].float().numpy(), rtol=2 ** -7)
 
 
@@ -267,13 +279,14 @@ def test_bf16_params_and_moments_under_compat():
   tx = optim.make_optimizer(cfg)
   params = {"params": {"w": jnp.full((4, 4), 0.5, jnp.bfloat16)}, "lambdas": optim.init_lambdas()}
   state = tx.init(params)
-  assert state.mu["w"].dtype == jnp.bfloat16 and state.nu["w"].dtype == jnp.bfloat16
+  assert _primal(state, "mu")["w"].dtype == jnp.bfloat16
+  assert _primal(state, "nu")["w"].dtype == jnp.bfloat16
   for k in range(3):
     g = optim.join_grads({"w": jnp.full((4, 4), 0.01, jnp.bfloat16)}, {"s": 0., "d": 0., "p": 0.})
     upd, state = tx.update(g, state, params)
     params = optax.apply_updates(params, upd)
   assert params["params"]["w"].dtype == jnp.bfloat16
-  assert state.mu["w"].dtype == jnp.bfloat16
+  assert _primal(state, "mu")["w"].dtype == jnp.bfloat16
   # steps 1, 2 at lr ≥ 0.002 move a 0.5 weight by ≥ 1 bf16 ulp (2^-9) each
   assert float(params["params"]["w"][0, 0]) < 0.5
 
@@ -331,15 +344,52 @@ def test_dual_ascent_rises_then_projects_to_zero():
   assert all(x == 0.0 for x in falling[first_zero:])
 
 
+def test_dual_step_skipped_for_a_term_without_answers():
+  """valid[k] False: λ_k and its Adam state stay as they are, as if that step never happened
+  for λ_k (a later λ_k equals a run without it), while the weights and the other λ step."""
+  tx = optim.make_optimizer(_cfg("training.lambda_lr=0.01"))
+  update = jax.jit(tx.update)
+  cs = [{"s": 3e-3, "d": 1e-3, "p": -1e-3}, {"s": -2e-3, "d": 2e-3, "p": 1e-3},
+        {"s": 1e-3, "d": 2e-3, "p": 3e-3}]
+
+  def run(skip_s_at):
+    params = {"params": {"w": jnp.ones((2,))}, "lambdas": optim.init_lambdas()}
+    state, seen = tx.init(params), []
+    for k, c in enumerate(cs[:skip_s_at] + [{"s": 5.0, "d": 1e-3, "p": 1e-3}] + cs[skip_s_at:]):
+      valid = {"s": k != skip_s_at, "d": True, "p": True}
+      before = params, state
+      upd, state = update(optim.join_grads({"w": jnp.ones((2,))}, c, valid), state, params)
+      params = optax.apply_updates(params, upd)
+      if k == skip_s_at:
+        assert float(params["lambdas"]["s"]) == float(before[0]["lambdas"]["s"])
+        same = lambda a, b: all(np.array_equal(x, y)
+                                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+        assert same(state.inner_states["lambda_s"], before[1].inner_states["lambda_s"])
+        assert not same(state.inner_states["lambda_d"], before[1].inner_states["lambda_d"])
+        assert float(params["params"]["w"][0]) < float(before[0]["params"]["w"][0])
+      seen.append(float(params["lambdas"]["s"]))
+    return seen
+
+  ref = {"params": {"w": jnp.ones((2,))}, "lambdas": optim.init_lambdas()}
+  st, want = tx.init(ref), []
+  for c in cs:
+    upd, st = update(optim.join_grads({"w": jnp.ones((2,))}, c), st, ref)
+    ref = optax.apply_updates(ref, upd)
+    want.append(float(ref["lambdas"]["s"]))
+  assert want[0] > 0
+  got = run(skip_s_at=1)
+  assert got[:1] + got[2:] == want and got[1] == got[0]
+
+
 # ------------------------------------------------------------------------------ objective
 
 def test_flux2_tokens_and_ids():
   lat = jnp.arange(2 * 3 * 4 * 128, dtype=jnp.float32).reshape(2, 3, 4, 128)
-  tok = objective.flux2_tokens(lat)
+  tok = latents.flux2_tokens(lat)
   assert tok.shape == (2, 12, 128)
   np.testing.assert_array_equal(tok[1, 4 * 2 + 3], lat[1, 2, 3])  # row-major (h outer, w inner)
-  np.testing.assert_array_equal(objective.flux2_untokens(tok, 3, 4), lat)
-  tgt, cnd, txt = objective.position_ids(2, (3, 4), 5, "flux2")
+  np.testing.assert_array_equal(latents.flux2_untokens(tok, 3, 4), lat)
+  tgt, cnd, txt = latents.position_ids(2, (3, 4), 5, "flux2")
   assert tgt.shape == (2, 12, 4) and txt.shape == (2, 5, 4)
   np.testing.assert_array_equal(tgt[0, 4 * 2 + 3], [0, 2, 3, 0])
   np.testing.assert_array_equal(cnd[1, 4 * 1 + 0], [10, 1, 0, 0])
@@ -353,16 +403,16 @@ def test_flux1_pack_unpack_matches_einops():
   lat_nchw = rng.normal(size=(2, 16, 6, 8)).astype(np.float32)  # [B, C, H/8, W/8]
   want = einops.rearrange(lat_nchw, "b c (hh ph) (ww pw) -> b (hh ww) (c ph pw)", ph=2, pw=2)
   lat = jnp.asarray(lat_nchw.transpose(0, 2, 3, 1))              # ours: NHWC
-  tok = objective.flux1_pack(lat)
+  tok = latents.flux1_pack(lat)
   np.testing.assert_array_equal(np.asarray(tok), want)
   # channel index c·4 + ph·2 + pw
   assert float(tok[0, 1 * 4 + 2, 5 * 4 + 1 * 2 + 0]) == lat_nchw[0, 5, 2 * 1 + 1, 2 * 2 + 0]
-  np.testing.assert_array_equal(np.asarray(objective.flux1_unpack(tok, 3, 4)), np.asarray(lat))
-  grid = objective.token_grid(lat.shape, "flux1")
+  np.testing.assert_array_equal(np.asarray(latents.flux1_unpack(tok, 3, 4)), np.asarray(lat))
+  grid = latents.token_grid(lat.shape, "flux1")
   assert grid == (3, 4)
-  np.testing.assert_array_equal(objective.tokens_to_latents(objective.image_tokens(lat, "flux1"),
+  np.testing.assert_array_equal(latents.tokens_to_latents(latents.image_tokens(lat, "flux1"),
                                                             grid, "flux1"), lat)
-  tgt, cnd, txt = objective.position_ids(2, grid, 7, "flux1")
+  tgt, cnd, txt = latents.position_ids(2, grid, 7, "flux1")
   np.testing.assert_array_equal(tgt[0, 4 * 2 + 1], [0, 2, 1])
   np.testing.assert_array_equal(cnd[0, 4 * 2 + 1], [1, 2, 1])
   assert txt.shape == (2, 7, 3) and float(jnp.abs(txt).sum()) == 0.0
@@ -397,13 +447,124 @@ def test_compat_casts_to_bf16():
   x_1 = jnp.ones((1, 4, 8), jnp.bfloat16)
   x_t, x_0, t = objective.flow_matching_inputs(jax.random.key(1), x_1, "upstream")
   assert x_0.dtype == jnp.bfloat16 and x_t.dtype == jnp.float32 and t.dtype == jnp.float32
-  ids = objective.position_ids(1, (2, 2), 3, "flux2")
+  ids = latents.position_ids(1, (2, 2), 3, "flux2")
   img, img_ids, txt, txt_ids, ts = objective.model_inputs(x_t, x_1, ids[0], ids[1],
                                                           jnp.ones((1, 3, 5)), ids[2], t, "upstream")
   assert {a.dtype for a in (img, img_ids, txt, txt_ids, ts)} == {jnp.dtype(jnp.bfloat16)}
   assert img.shape == (1, 8, 8) and img_ids.shape == (1, 8, 4)
   out = objective.model_inputs(x_t, x_1, ids[0], ids[1], jnp.ones((1, 3, 5)), ids[2], t)
   assert {a.dtype for a in out} == {jnp.dtype(jnp.float32)}
+
+
+# ------------------------------------------------------------------------------ answer masks
+
+def _loss_inputs(b=4):
+  ks = jax.random.split(jax.random.key(3), 8)
+  x_1 = jax.random.normal(ks[0], (b, 6, 8))
+  _, x_0, _ = objective.flow_matching_inputs(ks[1], x_1)
+  v = jax.random.normal(ks[2], (b, 12, 8))
+  feats = {k: jax.random.normal(ks[3 + i], (b, 5, 16)) for i, k in enumerate("sdp")}
+  targets = {k: feats[k] + jax.random.normal(ks[6], (b, 5, 16)) for k in "sdp"}
+  return v, feats, x_0, x_1, targets
+
+
+def test_answer_mask_masks_text_terms():
+  """All answers: exactly today's losses and gradients, bit for bit (λ is state, as in the step);
+  some: the mean over the samples that have one, no gradient from the others; none: the term and
+  its constraint are 0; two micro-batches with the batch's counts average to the batch's values."""
+  v, feats, x_0, x_1, targets = _loss_inputs()
+  lambdas = {"s": jnp.float32(0.5), "d": jnp.float32(2.0), "p": jnp.float32(1.0)}
+  deltas = {"s": 1e-4, "d": 2e-4, "p": 3e-4}
+  grad = lambda *mask: jax.jit(jax.value_and_grad(
+      lambda f, v, x_0, x_1, t, lam, *m: objective.losses(v, f, x_0, x_1, t, lam, deltas, *m), has_aux=True))
+  (loss0, ref), g0 = grad()(feats, v, x_0, x_1, targets, lambdas)
+  (loss1, aux), g1 = grad(1)(feats, v, x_0, x_1, targets, lambdas, jnp.ones((4, 3), jnp.int32),
+                             jnp.full((3,), 4.0))
+  assert float(loss1) == float(loss0)
+  for k in "sdp":
+    assert float(aux[f"txt_{k}_loss"]) == float(ref[f"txt_{k}_loss"])
+    np.testing.assert_array_equal(g1[k], g0[k])
+    # c_k may differ by one rounding: XLA may contract this small program's mean − δ into one
+    # fused multiply-add (a whole training run with all answers is bit-identical to today's)
+    assert float(aux["c"][k]) == pytest.approx(float(ref["c"][k]), rel=2e-7, abs=0)
+  masked = jax.jit(lambda v, f, x_0, x_1, t, m, n: objective.losses(v, f, x_0, x_1, t, lambdas, deltas, m, n))
+
+  m = jnp.array([[1, 0, 1], [0, 0, 1], [1, 0, 1], [0, 0, 1]], jnp.int32)  # s: rows 0, 2; d: none
+  loss, aux = masked(v, feats, x_0, x_1, targets, m, m.sum(0).astype(jnp.float32))
+  l_s = objective.text_loss(feats["s"][::2], targets["s"][::2])
+  assert float(aux["txt_s_loss"]) == pytest.approx(float(l_s), rel=1e-6)
+  assert float(aux["txt_d_loss"]) == 0.0 and float(aux["c"]["d"]) == 0.0
+  assert float(aux["txt_p_loss"]) == float(ref["txt_p_loss"])
+  want = ref["img_loss"] + 0.5 * (l_s - 1e-4) + 1.0 * (ref["txt_p_loss"] - 3e-4)
+  assert float(loss) == pytest.approx(float(want), rel=1e-6)
+  g = jax.grad(lambda f: objective.losses(v, f, x_0, x_1, targets, lambdas, deltas, m)[0])(feats)
+  assert float(jnp.abs(g["s"][1::2]).max()) == 0.0 and float(jnp.abs(g["s"][::2]).max()) > 0
+  assert float(jnp.abs(g["d"]).max()) == 0.0
+
+  # micro-batch j = rows j, j + 2 (the step's split); micro-batch 1 has no scene answer at all
+  micro = [masked(*(jax.tree.map(lambda a: a[j::2], (v, feats, x_0, x_1, targets, m))),
+                  m.sum(0).astype(jnp.float32) / 2)[1] for j in range(2)]
+  mean = jax.tree.map(lambda a, b: (a + b) / 2, *micro)
+  for key in ("txt_s_loss", "txt_d_loss", "txt_p_loss", "img_loss", "loss"):
+    assert float(mean[key]) == pytest.approx(float(aux[key]), rel=1e-6, abs=1e-12), key
+  for k in "sdp":
+    assert float(mean["c"][k]) == pytest.approx(float(aux["c"][k]), rel=1e-6, abs=1e-12), k
+
+
+def _toy_step_setup(k):
+  """The real train step (`make_train_step`: masks, counts, micro-batch scan, dual update) around
+  a two-layer toy model on ready-made inputs, for gradient accumulation k."""
+  from flax import nnx
+  from cotir_jax.train.step import Graphs, Prepared, make_train_step
+
+  class Toy(nnx.Module):
+    def __init__(self):
+      self.img, self.txt = nnx.Linear(4, 4, rngs=nnx.Rngs(0)), nnx.Linear(6, 18, rngs=nnx.Rngs(1))
+
+    def __call__(self, img, img_ids, txt, txt_ids, t, vec=None, guidance=None):
+      s, d, p = jnp.split(self.txt(txt), 3, axis=-1)
+      return self.img(img) * t[:, None, None], s, d, p
+
+  def prepare(cfg, graphs, frozen, batch, use_gen):
+    return Prepared(x_1=batch["x_1"], x_c=batch["x_c"], grid=(2, 2), txt=batch["txt"],
+                    targets={n: batch[f"t_{n}"] for n in "sdp"}, vec=None)
+
+  cfg = _cfg(f"training.gradient_accumulation_steps={k}", "training.lambda_lr=0.01")
+  graph, params, rest = nnx.split(Toy(), nnx.Param, ...)
+  tx = optim.make_optimizer(cfg)
+  step = jax.jit(make_train_step(cfg, Graphs(graph, None, None, None), tx, prepare_inputs=prepare))
+  lambdas = {"s": jnp.float32(0.3), "d": jnp.float32(0.2), "p": jnp.float32(0.0)}
+  state = {"params": params, "lambdas": lambdas, "opt_state": tx.init({"params": params, "lambdas": lambdas}),
+           "step": jnp.int32(0), "rng": jax.random.key(0), "nonfinite_step": jnp.int32(-1)}
+  return step, state, {"model": rest}
+
+
+def test_train_step_masks_and_accumulates_like_the_whole_batch():
+  rng = np.random.default_rng(0)
+  batch = {"x_1": rng.normal(size=(4, 4, 4)), "x_c": rng.normal(size=(4, 4, 4)), "txt": rng.normal(size=(4, 3, 6)),
+           **{f"t_{n}": rng.normal(size=(4, 3, 6)) for n in "sdp"}}
+  batch = {k: jnp.asarray(v, jnp.float32) for k, v in batch.items()}
+  # micro-batches (k = 2) are rows 0, 2 and 1, 3: the second has no scene answer
+  batch["answer_mask"] = jnp.array([[1, 1, 0], [0, 1, 0], [0, 0, 0], [0, 1, 0]], jnp.int32)
+  (whole, state0, frozen), (accum, _, _) = _toy_step_setup(1), _toy_step_setup(2)
+  new1, m1 = whole(state0, frozen, batch)
+  new2, m2 = accum(_toy_step_setup(2)[1], frozen, batch)
+  assert (float(m1["answers_s"]), float(m1["answers_d"]), float(m1["answers_p"])) == (1.0, 3.0, 0.0)
+  for key in ("loss", "img_loss", "txt_s_loss", "txt_d_loss", "txt_p_loss", "c_s", "c_d", "c_p",
+              "grad_norm", "lambda_s", "lambda_d", "lambda_p"):
+    assert abs(float(m2[key]) - float(m1[key])) <= 1e-6 * abs(float(m1[key])) + 1e-12, key
+  for a, b in zip(jax.tree.leaves(new1["params"]), jax.tree.leaves(new2["params"])):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+  # no plan answer in the batch: λ_p and its moments unchanged (λ_s, λ_d moved)
+  assert float(m1["lambda_p"]) == 0.0
+  assert all(not np.any(np.asarray(x)) for x in  # λ_p's Adam state still the initial zeros
+             jax.tree.leaves(new1["opt_state"].inner_states["lambda_p"]))
+  assert float(m1["c_p"]) == 0.0 and float(m1["lambda_s"]) != 0.3 and float(m1["lambda_d"]) != 0.2
+  # a batch without any answer (data.cot_answers=none): every λ stays exactly where it was
+  none = dict(batch, answer_mask=jnp.zeros((4, 3), jnp.int32))
+  new3, m3 = whole(_toy_step_setup(1)[1], frozen, none)
+  assert [float(m3[f"lambda_{n}"]) for n in "sdp"] == [float(np.float32(x)) for x in (0.3, 0.2, 0.0)]
+  assert float(m3["loss"]) == float(m3["img_loss"])
 
 
 # ------------------------------------------------------------------------------ sampler
@@ -439,7 +600,7 @@ def test_euler_sampler_integrates_to_the_conditioning():
     return jnp.concatenate([v, jnp.full_like(c, 1e3)], axis=1)
 
   x_c = jax.random.normal(jax.random.key(3), (2, 6, 8))
-  ids = objective.position_ids(2, (2, 3), 4, "flux2")
+  ids = latents.position_ids(2, (2, 3), 4, "flux2")
   txt = jnp.zeros((2, 4, 5))
   run = jax.jit(lambda key: sample.euler_sample(velocity_fn, x_c, ids[0], ids[1], txt, ids[2],
                                                 num_steps=5, family="flux2", key=key))
@@ -496,12 +657,14 @@ _MESH_SCRIPT = textwrap.dedent("""
     for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(host)):
       np.testing.assert_array_equal(np.asarray(a), b)
     # the optimizer state mirrors the params' metadata, so it gets the same layout
+    import optax
     from cotir_jax.train import optim
     tx = optim.make_optimizer(cfg)
     ost = jax.eval_shape(tx.init, {"params": abstract, "lambdas": optim.init_lambdas()})
     osh = sharding.tree_shardings(ost, mesh)
     psh = sharding.tree_shardings(abstract, mesh)
-    assert jax.tree.leaves(osh.mu) == jax.tree.leaves(psh)
+    mu = optax.tree.get(osh.inner_states["params"], "mu")["params"]
+    assert jax.tree.leaves(mu) == jax.tree.leaves(psh)
     assert len(jax.tree.leaves(osh)) == len(jax.tree.leaves(ost))
     # batch over (data, fsdp)
     x = sharding.global_array(np.zeros((8, 4, 3)), sharding.batch_sharding(mesh, (8, 4, 3)))
@@ -587,7 +750,7 @@ def test_checkpoint_round_trip_retention_and_atomicity(tmp_path):
     assert a.dtype == b.dtype
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert got["params"]["params"]["w"].sharding == sharding.replicated(mesh)
-  assert isinstance(got["opt_state"], optim.PrimalDualState)
+  assert isinstance(got["opt_state"], optax.MultiTransformState)
   assert type(got["model"]) is type(want["model"])
   assert got["model"]["w"].get_metadata()["out_sharding"] == ("embed", "mlp")
   # restoring an explicit older step; bytes come back as bytes

@@ -32,8 +32,7 @@ def _diffusers_kwargs(cfg):
             down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
             block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
             latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
-            sample_size=cfg.sample_size, use_quant_conv=cfg.use_quant_conv,
-            use_post_quant_conv=cfg.use_post_quant_conv,
+            use_quant_conv=cfg.use_quant_conv, use_post_quant_conv=cfg.use_post_quant_conv,
             mid_block_add_attention=cfg.mid_block_add_attention)
   if cfg.family == "flux2":
     kw.update(batch_norm_eps=cfg.batch_norm_eps, patch_size=tuple(cfg.patch_size))

@@ -20,8 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cotir_jax.cli import UserError
 
-class ConversionError(ValueError):
+
+class ConversionError(UserError, ValueError):
   """A missing, unexpected or mis-shaped key; the message names the key (and both shapes)."""
 
 

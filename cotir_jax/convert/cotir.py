@@ -10,8 +10,9 @@ b_bias}` with a = A.T [in, r], b = B.T [r, out], and stack blocks on a leading l
 one `core.Rule` table (`{i}` = layer) drives import, export and the coverage check. BFL's
 `final_layer.adaLN_modulation.1` already emits (shift, scale) like ours: no swap here. The
 fused projections (`linear1`'s columns: LoRA B and its bias; `linear2`'s rows: LoRA A; the
-adapter's kernels) are regrouped by head as the base weights are (`models.layers.FusedLayout`);
-the tables take the `ModelSpec` whose layouts they follow.
+adapter's kernels) are regrouped by head as the base weights are (`models.layers.FusedLayout`):
+the tables take the `ModelSpec` whose layouts they follow, which the functions below read from
+the trainable weights' shapes (`spec_of_trainable`).
 
 Files may also be `.safetensors` with the same keys (what `save_cotir_weights(fmt=
 "safetensors")` writes). Import casts to each variable's dtype; export casts to `dtype`
@@ -23,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from cotir_jax.convert import orbax_io
 from cotir_jax.convert.core import (IDENTITY, LINEAR, ConversionError, Rule, export_params,
                                     flat_params, import_params, linear, regroup, rule)
 from cotir_jax.convert.safetensors_io import SafetensorsDir, save_file
@@ -40,6 +42,7 @@ from cotir_jax.models.spec import ModelSpec
 HEADS = ("degradation", "sharpness", "planning")
 LORA_FILE, ADAPTER_FILE = "lora", "cot_adapter"
 FORMATS = ("pt", "safetensors")
+UPSTREAM_FILES = tuple(f"{name}.{fmt}" for name in (LORA_FILE, ADAPTER_FILE) for fmt in FORMATS)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -90,6 +93,69 @@ def adapter_rules(spec: ModelSpec, prefix: str = "cot_adapter.") -> list[Rule]:
 def cotir_rules(spec: ModelSpec) -> list[Rule]:
   """The whole trainable set of `CoTIR` (paths as in `nnx.state(model, TRAINABLE)`)."""
   return lora_rules(spec) + adapter_rules(spec)
+
+
+def family_of(paths) -> str:
+  """flux1 (Kontext) is the only family with LoRA on the single blocks' modulation."""
+  return "flux1" if any(".modulation.lin.lora." in p and "single_blocks" in p for p in paths) \
+      else "flux2"
+
+
+def spec_of_trainable(params: Mapping[str, object], source: str, family: str | None = None
+                      ) -> ModelSpec:
+  """A `ModelSpec` with the family (default: `family_of`) and widths of a trainable set (our
+  dotted paths → arrays or shapes), read from its shapes: what the tables' fused layouts need.
+  The adapter's QK-norm gives the head width, its linear1 the widths, the single blocks' LoRA
+  A on linear2 (when there is LoRA) the MLP width."""
+  from cotir_jax import config
+  shape = lambda k: np.shape(params[k])
+  try:
+    hidden, fused = shape("cot_adapter.decoder.linear1.kernel")[-2:]
+    head_dim = shape("cot_adapter.decoder.norm.query_norm.scale")[-1]
+  except KeyError as e:
+    raise ConversionError(f"{source}: no CoT adapter among the weights (missing {e})") from None
+  lora_a = "backbone.single_blocks.linear2.lora.a"
+  model = config.defaults().model
+  model.update(family=family or family_of(params), hidden_size=hidden,
+               num_heads=hidden // head_dim)
+  model.cot_adapter.mlp_ratio = (fused - 3 * hidden) / hidden
+  if lora_a in params:
+    model.mlp_ratio = (shape(lora_a)[-2] - hidden) / hidden
+  spec = ModelSpec.from_config(model)
+  if (spec.adapter_mlp_hidden != fused - 3 * hidden
+      or (lora_a in params and spec.mlp_hidden != shape(lora_a)[-2] - hidden)):
+    raise ConversionError(f"{source}: cannot tell the model's widths from its weights; give "
+                          "its --config")
+  return spec
+
+
+def regroup_side_by_side(arrays: Mapping[str, object], spec: ModelSpec, xp=np) -> dict:
+  """Trainable arrays written when the fused projections' parts lay side by side (a checkpoint
+  without `fused_layout`) → ours: every array whose dotted path (a trailing `.value` aside)
+  ends with the path of such a parameter, which also catches what mirrors it (optimizer
+  moments, the moving average); the other arrays as they are."""
+  fused = {r.ours: r.transform.regroups for r in cotir_rules(spec) if r.transform.regroups}
+  out = {}
+  for path, x in arrays.items():
+    key = path[:-len(".value")] if path.endswith(".value") else path
+    for ours, regroups in fused.items():
+      if key == ours or key.endswith("." + ours):
+        for layout, axis in regroups:
+          x = layout.from_parts(x, axis, xp)
+        break
+    out[path] = x
+  return out
+
+
+def load_trainable(path: str, item: str = orbax_io.PARAMS_ITEM, spec: ModelSpec | None = None
+                   ) -> dict[str, np.ndarray]:
+  """`orbax_io.load_trainable`'s params in our layout: one written before the fused
+  projections were grouped by head is regrouped (`spec`: its model's; default: read from its
+  shapes)."""
+  params, meta = orbax_io.load_trainable(path, item)
+  if meta.get("fused_layout") != FUSED_LAYOUT:
+    params = regroup_side_by_side(params, spec or spec_of_trainable(params, path))
+  return params
 
 
 def trainable_targets(model) -> tuple[dict, dict]:
@@ -176,9 +242,10 @@ def write_tensors(tensors: Mapping[str, np.ndarray], path: str, fmt: str) -> Non
 
 # ----------------------------------------------------------------------------- import / export
 
-def import_cotir_params(spec: ModelSpec, lora_targets: Mapping, adapter_targets: Mapping,
+def import_cotir_params(family: str, lora_targets: Mapping, adapter_targets: Mapping,
                         lora_path: str | None, adapter_path: str | None) -> dict[str, np.ndarray]:
   """Reads the upstream files into our dotted paths (numpy, each target's dtype)."""
+  spec = spec_of_trainable({**lora_targets, **adapter_targets}, "the model", family)
   out = {}
   for path, targets, rules, what in ((lora_path, lora_targets, lora_rules(spec), "LoRA"),
                                      (adapter_path, adapter_targets, adapter_rules(spec),
@@ -188,8 +255,21 @@ def import_cotir_params(spec: ModelSpec, lora_targets: Mapping, adapter_targets:
     if not targets:
       raise ConversionError(f"{path}: the model has no {what} parameters to load into "
                             f"(is model.lora.enabled false?)")
-    out.update(import_params(rules, read_tensors(path), targets, source=path))
+    tensors = read_tensors(path)
+    if what == "LoRA" and not any(k.endswith(".lora.b_bias") for k in targets):
+      tensors = _without_zero_biases(tensors, path)
+    out.update(import_params(rules, tensors, targets, source=path))
   return out
+
+
+def _without_zero_biases(tensors: Mapping[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
+  """The file's tensors less its `lora_B.bias` vectors, which a LoRA without bias
+  (`model.lora.lora_bias=False`) can drop only when they are zero."""
+  for k in tensors:
+    if k.endswith(".lora_B.bias") and np.any(np.asarray(tensors[k], np.float32)):
+      raise ConversionError(f"{path}: {k} is not zero, but the config's LoRA has no bias "
+                            "(model.lora.lora_bias=False); set it True to load these weights")
+  return {k: tensors[k] for k in tensors if not k.endswith(".lora_B.bias")}
 
 
 def _assign(model: nnx.Module, values: Mapping[str, np.ndarray]) -> None:
@@ -217,30 +297,34 @@ def load_cotir_weights(model, lora_path: str | None = None, adapter_path: str | 
   when they disagree). Values are cast to each variable's dtype. Returns the model.
   """
   lora_t, adapter_t = trainable_targets(model)
-  values = import_cotir_params(model.backbone.spec, lora_t, adapter_t, lora_path, adapter_path)
+  values = import_cotir_params(model.backbone.spec.family, lora_t, adapter_t, lora_path,
+                               adapter_path)
   _assign(model, values)
   return model
 
 
-def export_cotir_params(params: Mapping[str, object], spec: ModelSpec, dtype=jnp.bfloat16
+def export_cotir_params(params: Mapping[str, object], dtype=jnp.bfloat16
                         ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-  """Our trainable dotted paths (of the model `spec` describes) → (lora dict, cot_adapter
-  dict) with upstream names."""
+  """Our trainable dotted paths → (lora dict, cot_adapter dict) with upstream names."""
   want = _export_dtype(dtype)
   params = {k: np.asarray(v) for k, v in params.items()}
+  spec = spec_of_trainable(params, "the weights to export")
   lora = {k: v for k, v in params.items() if not k.startswith("cot_adapter.")}
   adapter = {k: v for k, v in params.items() if k.startswith("cot_adapter.")}
   cast = (lambda d: {k: v.astype(want) for k, v in d.items()}) if want is not None else (lambda d: d)
-  return (cast(export_params(lora_rules(spec), lora)),
-          cast(export_params(adapter_rules(spec), adapter)))
+  lora = export_params(lora_rules(spec), lora)
+  for k, b in list(lora.items()):  # upstream's LoRA always has B's bias: zeros keep its output
+    if k.endswith(".lora_B.weight") and k.replace(".weight", ".bias") not in lora:
+      lora[k.replace(".weight", ".bias")] = np.zeros(b.shape[:1], b.dtype)
+  return cast(lora), cast(export_params(adapter_rules(spec), adapter))
 
 
-def write_cotir_files(params: Mapping[str, object], spec: ModelSpec, out_dir: str,
-                      fmt: str = "pt", dtype=jnp.bfloat16) -> dict[str, str]:
+def write_cotir_files(params: Mapping[str, object], out_dir: str, fmt: str = "pt",
+                      dtype=jnp.bfloat16) -> dict[str, str]:
   """Writes `lora.<fmt>` (if the params hold LoRA) and `cot_adapter.<fmt>`; returns their paths."""
   if fmt not in FORMATS:
     raise ConversionError(f"format {fmt!r} is not supported; choose one of {FORMATS}")
-  lora, adapter = export_cotir_params(params, spec, dtype)
+  lora, adapter = export_cotir_params(params, dtype)
   os.makedirs(out_dir, exist_ok=True)
   written = {}
   for name, tensors in ((LORA_FILE, lora), (ADAPTER_FILE, adapter)):
@@ -260,7 +344,7 @@ def save_cotir_weights(model, out_dir: str, fmt: str = "pt", dtype=jnp.bfloat16)
   `dtype`: tensor dtype of the files (bfloat16 as upstream; None keeps the model's dtype).
   """
   lora_t, adapter_t = trainable_targets(model)
-  return write_cotir_files({**lora_t, **adapter_t}, model.backbone.spec, out_dir, fmt, dtype)
+  return write_cotir_files({**lora_t, **adapter_t}, out_dir, fmt, dtype)
 
 
 def upstream_shapes(cfg_model) -> dict[str, tuple[int, ...]]:
@@ -311,6 +395,55 @@ def upstream_shapes(cfg_model) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
+# ----------------------------------------------------------------------------- any source
+
+def read_trainable(paths: Sequence[str], targets: Mapping[str, object], family: str, *,
+                   item: str = orbax_io.PARAMS_ITEM, what: str = "--weights") -> dict[str, np.ndarray]:
+  """Flat trainable params (our dotted paths) from any accepted source, checked against
+  `targets` (the model's trainable state: dotted path → array or ShapeDtypeStruct): paths,
+  shapes and every key of the files. `what` names the source in messages (a flag or a field).
+
+  Sources: a training workdir (its newest checkpoint) or one of its step directories, a
+  trainable-weights checkpoint of `cotir_to_orbax`, a directory holding upstream's `lora.pt`
+  and `cot_adapter.pt` (or `.safetensors`), or those two files. `item="ema"` reads the
+  moving average a training checkpoint keeps with `training.ema_decay` > 0 instead.
+  """
+  paths = list(paths)
+  for p in paths:
+    if not os.path.exists(p):
+      raise ConversionError(f"{what} {p!r} does not exist")
+  if len(paths) == 1 and os.path.isdir(paths[0]):
+    upstream = [os.path.join(paths[0], f) for f in UPSTREAM_FILES
+                if os.path.isfile(os.path.join(paths[0], f))]
+    if not upstream:
+      flat = load_trainable(paths[0], item, spec_of_trainable(targets, what, family))
+      check_trainable(flat, targets, paths[0])
+      return flat
+    paths = upstream
+  if item != orbax_io.PARAMS_ITEM:
+    raise ConversionError(f"{what} {paths}: upstream's files hold no {item!r} weights; only a "
+                          "training checkpoint of a run with training.ema_decay > 0 does")
+  lora = adapter = None
+  for p in paths:
+    keys = list(read_tensors(p))
+    if any(k.startswith("cot_adapter.") for k in keys):
+      if adapter is not None:
+        raise ConversionError(f"{what}: two CoT-adapter files, {adapter} and {p}")
+      adapter = p
+    elif lora is not None:
+      raise ConversionError(f"{what}: two LoRA files, {lora} and {p}")
+    else:
+      lora = p
+  lora_t = {k: v for k, v in targets.items() if not k.startswith("cot_adapter.")}
+  adapter_t = {k: v for k, v in targets.items() if k.startswith("cot_adapter.")}
+  if adapter is None:
+    raise ConversionError(f"{what} {paths}: no cot_adapter file (keys cot_adapter.*) among them")
+  if lora_t and lora is None:
+    raise ConversionError(f"{what} {paths}: no lora file, but the config has LoRA "
+                          "(model.lora.enabled)")
+  return import_cotir_params(family, lora_t, adapter_t, lora, adapter)
+
+
 # ----------------------------------------------------------------------------- Orbax
 
 def _abstract_model(cfg):
@@ -322,6 +455,9 @@ def check_trainable(params: Mapping[str, object], targets: Mapping[str, object],
   """Same paths and shapes as the model's trainable state; errors name the key and shapes."""
   missing = sorted(set(targets) - set(params))
   unexpected = sorted(set(params) - set(targets))
+  if missing and not any(".lora." in k for k in params) and all(".lora." in k for k in missing):
+    raise ConversionError(f"{source}: holds no LoRA weights, but the config has LoRA "
+                          "(model.lora.enabled)")
   if missing:
     raise ConversionError(f"{source}: missing key(s) {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
   if unexpected:
@@ -337,7 +473,6 @@ def cotir_to_orbax(lora_path: str | None, adapter_path: str | None, cfg, out: st
                    overwrite: bool = False) -> dict[str, np.ndarray]:
   """Upstream `lora.pt` + `cot_adapter.pt` → trainable-weights Orbax checkpoint (layout in
   `orbax_io`), in the dtypes of the config's trainable variables. Returns the flat params."""
-  from cotir_jax.convert import orbax_io
   from cotir_jax import models
   model = _abstract_model(cfg)
   lora_t, adapter_t = trainable_targets(model)
@@ -345,7 +480,7 @@ def cotir_to_orbax(lora_path: str | None, adapter_path: str | None, cfg, out: st
     raise ConversionError("the config has LoRA (model.lora.enabled) but no LoRA file was given")
   if adapter_path is None:
     raise ConversionError("a cot_adapter file is required")
-  params = import_cotir_params(model.backbone.spec, lora_t, adapter_t, lora_path, adapter_path)
+  params = import_cotir_params(cfg.model.family, lora_t, adapter_t, lora_path, adapter_path)
   check_trainable(params, flat_params(nnx.state(model, models.TRAINABLE)), "cotir_to_orbax")
   meta = {"family": cfg.model.family, "fused_layout": FUSED_LAYOUT,
           "sources": {"lora": lora_path, "cot_adapter": adapter_path},
@@ -356,76 +491,15 @@ def cotir_to_orbax(lora_path: str | None, adapter_path: str | None, cfg, out: st
 
 
 def orbax_to_cotir(checkpoint: str, out_dir: str, fmt: str = "pt", dtype=jnp.bfloat16,
-                   cfg=None) -> dict[str, str]:
+                   cfg=None, *, ema: bool = False) -> dict[str, str]:
   """Trainable params of a training / `cotir_to_orbax` checkpoint → upstream files.
 
-  With `cfg`, paths and shapes are checked against that config's model first.
+  With `cfg`, paths and shapes are checked against that config's model first. `ema`: export
+  the moving average of the weights a training checkpoint keeps (`training.ema_decay` > 0).
   """
   from cotir_jax import models
-  model = _abstract_model(cfg) if cfg is not None else None
-  params, spec = read_trainable(checkpoint, None if model is None else model.backbone.spec)
-  if model is not None:
-    check_trainable(params, flat_params(nnx.state(model, models.TRAINABLE)), checkpoint)
-  return write_cotir_files(params, spec, out_dir, fmt, dtype)
-
-
-def family_of(paths) -> str:
-  """flux1 (Kontext) is the only family with LoRA on the single blocks' modulation."""
-  return "flux1" if any(".modulation.lin.lora." in p and "single_blocks" in p for p in paths) \
-      else "flux2"
-
-
-def spec_of_trainable(params: Mapping[str, object], source: str) -> ModelSpec:
-  """A `ModelSpec` with the family and widths of a trainable set, read from its shapes (what
-  the tables' fused layouts need): for exports without a config. The adapter's QK-norm gives
-  the head width, its linear1 the widths; LoRA on the single blocks' linear2 the MLP width."""
-  from cotir_jax import config
-  shape = lambda k: np.shape(params[k])
-  try:
-    hidden, fused = shape("cot_adapter.decoder.linear1.kernel")[-2:]
-    head_dim = shape("cot_adapter.decoder.norm.query_norm.scale")[-1]
-  except KeyError as e:
-    raise ConversionError(f"{source}: no CoT adapter among the weights (missing {e})") from None
-  lora_a = "backbone.single_blocks.linear2.lora.a"
-  model = config.defaults().model
-  model.update(family=family_of(params), hidden_size=hidden, num_heads=hidden // head_dim)
-  model.cot_adapter.mlp_ratio = (fused - 3 * hidden) / hidden
-  if lora_a in params:
-    model.mlp_ratio = (shape(lora_a)[-2] - hidden) / hidden
-  spec = ModelSpec.from_config(model)
-  if (spec.adapter_mlp_hidden != fused - 3 * hidden
-      or (lora_a in params and spec.mlp_hidden != shape(lora_a)[-2] - hidden)):
-    raise ConversionError(f"{source}: cannot tell the model's widths from its weights; give "
-                          "its --config")
-  return spec
-
-
-def regroup_side_by_side(arrays: Mapping[str, object], spec: ModelSpec, xp=np) -> dict:
-  """Trainable arrays written when the fused projections' parts lay side by side (a checkpoint
-  without `fused_layout`) → ours: every array whose dotted path (a trailing `.value` aside)
-  ends with the path of such a parameter, which also catches the optimizer moments that mirror
-  it; the other arrays as they are."""
-  fused = {r.ours: r.transform.regroups for r in cotir_rules(spec) if r.transform.regroups}
-  out = {}
-  for path, x in arrays.items():
-    key = path[:-len(".value")] if path.endswith(".value") else path
-    for ours, regroups in fused.items():
-      if key == ours or key.endswith("." + ours):
-        for layout, axis in regroups:
-          x = layout.from_parts(x, axis, xp)
-        break
-    out[path] = x
-  return out
-
-
-def read_trainable(path: str, spec: ModelSpec | None = None
-                   ) -> tuple[dict[str, np.ndarray], ModelSpec]:
-  """(our trainable params, the `ModelSpec` of their layouts) from any checkpoint
-  `orbax_io.load_trainable` reads; one written before the fused projections were grouped by
-  head is converted. `spec`: the model's (default: read from the weights' shapes)."""
-  from cotir_jax.convert import orbax_io
-  params, meta = orbax_io.load_trainable(path)
-  spec = spec or spec_of_trainable(params, path)
-  if meta.get("fused_layout") != FUSED_LAYOUT:
-    params = regroup_side_by_side(params, spec)
-  return params, spec
+  params = load_trainable(checkpoint, orbax_io.EMA_ITEM if ema else orbax_io.PARAMS_ITEM)
+  if cfg is not None:
+    check_trainable(params, flat_params(nnx.state(_abstract_model(cfg), models.TRAINABLE)),
+                    checkpoint)
+  return write_cotir_files(params, out_dir, fmt, dtype)

@@ -20,7 +20,9 @@ from, and `convert/orbax_to_cotir.py` reads):
 `params` (that tree) or an item `state` whose tree has a `params` key (only that subtree is
 read), the `checkpoints/` directory or a workdir containing it (newest finished step). The
 `params` tree may be a pure dict or an `nnx.State` saved as is (each Variable adds a trailing
-`value` key, which is dropped).
+`value` key, which is dropped). `load_trainable(path, item="ema")` reads the moving average of
+the weights that a run with `training.ema_decay` > 0 keeps beside them (`state/ema`, the same
+paths in float32); only training checkpoints can hold one.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from cotir_jax.convert.core import ConversionError
 
 TRAINABLE_FORMAT = "cotir_jax.trainable/1"
 PARAMS_ITEM = "params"
+EMA_ITEM = "ema"  # the EMA of the trainable weights in a training state (training.ema_decay)
 META_FILE = "cotir.json"
 
 
@@ -149,33 +152,39 @@ def _latest_step_dir(path: str) -> str | None:
   return os.path.join(path, max(steps, key=int)) if steps else None
 
 
-def resolve_trainable(path: str) -> tuple[str, tuple[str, ...]]:
-  """(Orbax PyTree dir, keys inside it) holding the trainable params, for any accepted path."""
+def resolve_trainable(path: str, item: str = PARAMS_ITEM) -> tuple[str, tuple[str, ...]]:
+  """(Orbax PyTree dir, keys inside it) holding the trainable params (`item="ema"`: their
+  moving average) for any accepted path."""
   if not os.path.isdir(path):
     raise ConversionError(f"{path}: no such checkpoint directory")
   for candidate in (path, os.path.join(path, "checkpoints")):
     if not os.path.isdir(candidate):
       continue
     if is_tree_checkpoint(os.path.join(candidate, PARAMS_ITEM)):
+      if item != PARAMS_ITEM:
+        raise ConversionError(f"{path}: a trainable-weights checkpoint holds no {item!r} weights; "
+                              "only a training checkpoint of a run with training.ema_decay > 0 "
+                              "does")
       return os.path.join(candidate, PARAMS_ITEM), ()
     state = os.path.join(candidate, "state")
     if is_tree_checkpoint(state):
-      if PARAMS_ITEM not in tree_metadata(state):
-        raise ConversionError(f"{state}: training state has no '{PARAMS_ITEM}' entry")
-      return state, (PARAMS_ITEM,)
+      if item not in tree_metadata(state):
+        hint = " (the run had training.ema_decay=0)" if item == EMA_ITEM else ""
+        raise ConversionError(f"{state}: training state has no '{item}' entry{hint}")
+      return state, (item,)
     step = _latest_step_dir(candidate)
     if step is not None:
-      return resolve_trainable(step)
+      return resolve_trainable(step, item)
   raise ConversionError(f"{path}: found no trainable weights (expected <dir>/{PARAMS_ITEM}/, "
                         f"<step>/state/ with '{PARAMS_ITEM}', a checkpoints/ dir of steps, or a "
                         "workdir containing checkpoints/)")
 
 
-def load_trainable(path: str) -> tuple[dict[str, np.ndarray], dict]:
-  """(flat dotted-path → numpy params, meta dict) from any directory `resolve_trainable` accepts.
-
-  The meta is `cotir.json`'s, or a training step's (`config`, `step`, ...)."""
-  tree_dir, keys = resolve_trainable(path)
+def load_trainable(path: str, item: str = PARAMS_ITEM) -> tuple[dict[str, np.ndarray], dict]:
+  """(flat dotted-path → numpy params, meta dict) from any directory `resolve_trainable` accepts;
+  `item="ema"`: the moving average of a training checkpoint instead of its weights. The meta is
+  `cotir.json`'s, or a training step's (`config`, `step`, ...)."""
+  tree_dir, keys = resolve_trainable(path, item)
   tree = restore_tree(tree_dir, keys=keys or None)
   for k in keys:
     tree = tree[k]

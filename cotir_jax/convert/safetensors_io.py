@@ -16,6 +16,8 @@ from collections.abc import Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
+from cotir_jax.cli import UserError
+
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
@@ -24,7 +26,7 @@ DTYPES = {
 CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(UserError, ValueError):
   """A missing, truncated or malformed safetensors file; the message names the file."""
 
 

@@ -148,12 +148,13 @@ def _checkpoint_dtype(tensors: Mapping[str, np.ndarray]):
 
 
 def load_text_encoder(path: str, dtype=None, hidden_layers=(9, 18, 27), *, compute_dtype=None,
-                      implementation: str = "xla", scan: bool = True):
+                      implementation="xla", scan: bool = True):
   """A transformers Qwen3 / T5 encoder / CLIP text directory → our module with its weights.
 
   `dtype`: parameter dtype (None = the checkpoint's); `compute_dtype`: activations (None =
   the parameter dtype). `hidden_layers` only matters for Qwen3 (which hidden states to return,
-  and so how many decoder layers to read).
+  and so how many decoder layers to read). `implementation`: the attention kernel, a
+  `model.attention` name or a `models.attention.AttentionSpec`.
   """
   hf_cfg = read_config(path)
   cfg = text_config_from_hf(hf_cfg, source=os.path.join(path, "config.json"),

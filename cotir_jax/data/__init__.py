@@ -2,6 +2,7 @@
 
 from cotir_jax.data.decode import REASONS, TEXT_FIELDS, RawRecord, SkipSample, process_record, resize_bilinear
 from cotir_jax.data.mixing import StreamOrder
+from cotir_jax.data.paired import PairSource, list_pairs
 from cotir_jax.data.pipeline import (CotirIterator, SkipFractionError, make_iterator, make_prompt_bank,
                                      make_source, per_process_batch, resume_state, stage_of_step,
                                      start_position)
@@ -14,4 +15,5 @@ __all__ = [
     "CotirIterator", "SkipFractionError", "make_iterator", "make_prompt_bank", "make_source",
     "per_process_batch", "resume_state", "stage_of_step", "start_position", "PromptBank", "normalize_deg", "parse_answer",
     "pick_prompts", "weighted_pick", "TarSource", "resolve_layout", "PromptFileError", "DataLayoutError",
+    "PairSource", "list_pairs",
 ]

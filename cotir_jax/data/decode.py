@@ -19,6 +19,7 @@ try:  # libspng decodes 8-bit RGB PNGs about 1.7x faster than Pillow here; Pillo
 except ImportError:  # pragma: no cover - optional speed-up
   pyspng = None
 
+from cotir_jax.cli import UserError
 from cotir_jax.data import prompts as P
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -27,6 +28,9 @@ MAX_IMAGE_PIXELS = 4096 * 4096  # data.max_image_pixels default: 16x the 1024^2 
 REASONS = ("truncated_tar", "missing_member", "corrupt_png", "not_rgb", "size_mismatch",
            "invalid_json", "missing_cot_fields", "missing_prompt_file", "empty_prompt_file", "too_large")
 TEXT_FIELDS = ("gen", "spe", "ans_s", "ans_d", "ans_p")
+# batch key: int32 [3] per sample, 1 where it has the scene / degradation / plan answer (a
+# CoTIR-Bench sample has all three; paired data may lack some, and their loss terms are masked)
+ANSWER_MASK = "answer_mask"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +48,7 @@ class RawRecord:
   truncated: bool = False
 
 
-class SkipFractionError(RuntimeError):
+class SkipFractionError(UserError, RuntimeError):
   """More samples or shards were skipped than data.max_skip_fraction allows: the dataset needs fixing."""
 
 
@@ -155,7 +159,7 @@ def parse_meta(raw: bytes):
 
 def process_record(rec: RawRecord, *, patch_size: int, bank: P.PromptBank, rng: np.random.Generator,
                    label_from_folder: bool, max_pixels: int = MAX_IMAGE_PIXELS) -> dict:
-  """Raw record -> {'hq','lq' [P,P,3] float32, texts, 'deg'}; raises SkipSample.
+  """Raw record -> {'hq','lq' [P,P,3] float32, texts, 'answer_mask' (all 1), 'deg'}; raises SkipSample.
 
   label_from_folder mirrors upstream `return_deg_type`: True takes the label from the shard folder,
   False from meta.json (`deg`, then `degradation`, then `degradation_type`).
@@ -166,10 +170,7 @@ def process_record(rec: RawRecord, *, patch_size: int, bank: P.PromptBank, rng: 
   if missing:
     raise SkipSample("missing_member", f"no {', '.join(missing)}")
   meta, cot, questions = parse_meta(rec.meta)
-  hq = decode_png(rec.hq, "hq.png", max_pixels)
-  lq = decode_png(rec.lq, "lq.png", max_pixels)
-  if hq.shape != lq.shape:
-    raise SkipSample("size_mismatch", f"hq {hq.shape[:2]} vs lq {lq.shape[:2]}")
+  hq, lq = decode_pair(rec, "hq.png", "lq.png", max_pixels)
   label_raw = rec.deg_type if label_from_folder else (
       meta.get("deg") or meta.get("degradation") or meta.get("degradation_type"))
   label_raw = str(label_raw) if label_raw else None
@@ -179,8 +180,26 @@ def process_record(rec: RawRecord, *, patch_size: int, bank: P.PromptBank, rng: 
   except P.PromptError as e:
     raise SkipSample(e.reason, str(e)) from None
   ans_s, ans_d, ans_p = P.parse_answer(cot["answers"])
+  return example(hq, lq, patch_size, gen=gen, spe=spe, answers=(ans_s, ans_d, ans_p),
+                 has=(1, 1, 1), deg=label)
+
+
+def decode_pair(rec: RawRecord, hq_name: str, lq_name: str, max_pixels: int):
+  """(hq, lq) uint8 HWC of a record whose members are present; SkipSample when either does not
+  decode or their sizes differ."""
+  hq = decode_png(rec.hq, hq_name, max_pixels)
+  lq = decode_png(rec.lq, lq_name, max_pixels)
+  if hq.shape != lq.shape:
+    raise SkipSample("size_mismatch", f"hq {hq.shape[:2]} vs lq {lq.shape[:2]}")
+  return hq, lq
+
+
+def example(hq, lq, patch_size: int, *, gen: str, spe: str, answers, has, deg: str) -> dict:
+  """The training example: both images resized to the patch, the texts, the answer mask."""
+  ans_s, ans_d, ans_p = answers
   return {
       "hq": resize_bilinear(hq, patch_size),
       "lq": resize_bilinear(lq, patch_size),
-      "gen": gen, "spe": spe, "ans_s": ans_s, "ans_d": ans_d, "ans_p": ans_p, "deg": label,
+      "gen": gen, "spe": spe, "ans_s": ans_s, "ans_d": ans_d, "ans_p": ans_p,
+      ANSWER_MASK: np.asarray(has, np.int32), "deg": deg,
   }

@@ -4,7 +4,8 @@ The training loop builds one iterator per stage:
 
     it = make_iterator(cfg, stage, tokenizers={'qwen': tok}, state=saved_or_None)
     batch = next(it)                 # {'hq','lq': [B,P,P,3] f32, '<field>_<tok>_ids'/'_mask': [B,L] i32,
-    meta = batch.pop('meta')         #  'meta': strings and positions for logging/validation}
+    meta = batch.pop('meta')         #  'answer_mask': [B,3] i32 (has a scene / degradation / plan
+                                     #  answer), 'meta': strings and positions for logging/validation}
     state = it.get_state()           # JSON-able dict; save it with the checkpoint
     it.skip_counts                   # {reason: count}, cumulative over the run
     it.bad_shards                    # shards found bad at start-up (paths and why: it.bad_shard_paths)
@@ -33,11 +34,13 @@ from pathlib import Path
 import grain
 import numpy as np
 
+from cotir_jax.config import ConfigError
+from cotir_jax.data import paired
 from cotir_jax.data import prompts as P
-from cotir_jax.data.decode import (MAX_IMAGE_PIXELS, REASONS, TEXT_FIELDS, RawRecord, SkipFractionError,
-                                   SkipSample, process_record)
+from cotir_jax.data.decode import (ANSWER_MASK, MAX_IMAGE_PIXELS, REASONS, TEXT_FIELDS, RawRecord,
+                                   SkipFractionError, SkipSample, process_record)
 from cotir_jax.data.mixing import StreamOrder
-from cotir_jax.data.sources import TarSource, check_bad_shards, resolve_layout
+from cotir_jax.data.sources import DataLayoutError, TarSource, check_bad_shards, resolve_layout
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +68,21 @@ def data_dir(cfg) -> Path:
   return d
 
 
+def source_dir(cfg) -> Path:
+  """What the configured source reads: data.tfds_data_dir for an ArrayRecord build when set,
+  else data.data_dir (a folder, or a paired layout's JSONL manifest). A missing one raises
+  FileNotFoundError naming the field (callers check it before they write anything)."""
+  field = "data.tfds_data_dir" if (_get(cfg, "data.source", "tar") == "array_record"
+                                   and _get(cfg, "data.tfds_data_dir", None)) else "data.data_dir"
+  path = Path(_get(cfg, field, "")).expanduser() if field != "data.data_dir" else data_dir(cfg)
+  if not path.exists():
+    raise FileNotFoundError(f"{field}={str(path)!r} does not exist")
+  return path
+
+
 def make_source(cfg):
-  """TarSource over data.data_dir, or the ArrayRecord build when data.source == 'array_record'.
+  """TarSource over data.data_dir, the ArrayRecord build when data.source == 'array_record', or
+  the pairs of a paired layout (data/paired.py) when data.source == 'paired'.
 
   Bad shards are warned about here and stop the run above data.max_skip_fraction of all shards."""
   kind = _get(cfg, "data.source", "tar")
@@ -76,22 +92,47 @@ def make_source(cfg):
   elif kind == "array_record":
     from cotir_jax.data.tfds_builder import ArrayRecordSource
     source = ArrayRecordSource(_get(cfg, "data.tfds_data_dir", None) or data_dir(cfg))
+  elif kind == "paired":
+    source = paired.PairSource(data_dir(cfg))
   else:
-    raise ValueError(f"data.source={kind!r}; allowed: 'tar', 'array_record'")
+    raise ValueError(f"data.source={kind!r}; allowed: 'tar', 'array_record', 'paired'")
   check_bad_shards(source, float(_get(cfg, "data.max_skip_fraction", 0.01)))
   return source
 
 
-def make_prompt_bank(cfg) -> P.PromptBank:
-  """Prompt files found from data.data_dir as upstream does; a layout without gen_prompt.txt is a config error."""
+def is_paired(source) -> bool:
+  """The source holds paired records (a paired layout, or its ArrayRecord build)."""
+  return getattr(source, "layout", "cotir_bench") == "paired"
+
+
+def make_prompt_bank(cfg, source=None):
+  """Prompt files found from data.data_dir as upstream does (a layout without gen_prompt.txt is a
+  config error); for a paired `source`, the texts of its types from data.templates."""
+  if source is not None and is_paired(source):
+    return paired.make_texts(cfg.data.templates, source.types, cot_answers(cfg))
   _, root = resolve_layout(data_dir(cfg))
   if root is None:
     raise FileNotFoundError(f"no gen_prompt.txt found from data.data_dir={cfg.data.data_dir!r} (spec §14.2)")
   bank = P.PromptBank(root, P.special_dir_for(root), _get(cfg, "data.missing_prompt", "skip"),
                       _get(cfg, "data.prompt_errors", "stop"))
   if not bank.generic:
-    raise ValueError(f"{root / 'gen_prompt.txt'} has no prompts")
+    raise DataLayoutError(f"{root / 'gen_prompt.txt'} has no prompts")
   return bank
+
+
+def cot_answers(cfg) -> str:
+  return str(_get(cfg, "data.cot_answers", "templates"))
+
+
+def data_notes(cfg, source, bank) -> list[str]:
+  """Start-up lines about the data: for paired data what was found and which text terms are
+  masked; for any source, that data.cot_answers='none' trains without the text terms."""
+  if is_paired(source):
+    return paired.describe(source, bank, cot_answers(cfg))
+  if cot_answers(cfg) == "none":
+    return ["scene, degradation and plan terms masked (data.cot_answers=none): flow-matching "
+            "fine-tuning of the editor alone, lambda stays 0"]
+  return []
 
 
 def mixing_seed(cfg) -> int:
@@ -100,13 +141,18 @@ def mixing_seed(cfg) -> int:
 
 
 class SampleFn:
-  """Local position q -> example dict or skip marker; picklable (runs in grain workers)."""
+  """Local position q -> example dict or skip marker; picklable (runs in grain workers).
 
-  def __init__(self, source, order: StreamOrder, bank: P.PromptBank, *, patch_size: int, seed: int,
+  `bank` is what `process` makes the texts from: a PromptBank for CoTIR-Bench records
+  (process_record), a paired.PairTexts for paired ones (paired.process_pair). `answers=False`
+  (data.cot_answers='none') marks every sample as having no CoT answer."""
+
+  def __init__(self, source, order: StreamOrder, bank, *, patch_size: int, seed: int,
                label_from_folder: bool, tokenizers: Mapping[str, Tokenizer], process_index: int,
                process_count: int, max_pixels: int = MAX_IMAGE_PIXELS, block: int = 1,
-               base: int = 0):
+               base: int = 0, process: Callable = process_record, answers: bool = True):
     self.source, self.order, self.bank = source, order, bank
+    self.process, self.answers = process, answers
     self.block, self.base = int(block), int(base)
     self.patch_size, self.seed = int(patch_size), int(seed)
     self.label_from_folder = label_from_folder
@@ -129,10 +175,12 @@ class SampleFn:
       return {"_skip": "read_error", "detail": f"{type(e).__name__}: {e}", "key": "?", "shard": "?", **ident}
     rng = np.random.default_rng(np.random.SeedSequence([self.seed & 0xFFFFFFFF, k, 0x7072]))
     try:
-      ex = process_record(rec, patch_size=self.patch_size, bank=self.bank, rng=rng,
-                          label_from_folder=self.label_from_folder, max_pixels=self.max_pixels)
+      ex = self.process(rec, patch_size=self.patch_size, bank=self.bank, rng=rng,
+                        label_from_folder=self.label_from_folder, max_pixels=self.max_pixels)
     except SkipSample as e:
       return {"_skip": e.reason, "detail": e.detail, "key": rec.key, "shard": rec.shard, **ident}
+    if not self.answers:
+      ex[ANSWER_MASK] = np.zeros_like(ex[ANSWER_MASK])
     texts = [ex[t] for t in TEXT_FIELDS]
     for name, tok in self.tokenizers.items():
       out = tok(texts)
@@ -282,7 +330,8 @@ def per_process_batch(cfg, stage: int, process_count: int) -> int:
   """training.batch_sizes are global (design decision 6): per-process = global / processes."""
   g = int(cfg.training.batch_sizes[stage])
   if g % process_count:
-    raise ValueError(f"training.batch_sizes[{stage}]={g} is not divisible by {process_count} processes")
+    raise ConfigError(f"training.batch_sizes[{stage}]={g} is not divisible by {process_count} "
+                      "processes")
   return g // process_count
 
 
@@ -321,7 +370,7 @@ def make_iterator(cfg, stage: int, *, tokenizers: Mapping[str, Tokenizer] | None
     import jax
     process_index, process_count = jax.process_index(), jax.process_count()
   source = source if source is not None else make_source(cfg)
-  bank = bank if bank is not None else make_prompt_bank(cfg)
+  bank = bank if bank is not None else make_prompt_bank(cfg, source)
   mix = _get(cfg, "data.mixing", "balanced")
   order = StreamOrder(source.type_ranges, mix, mixing_seed(cfg),
                       shuffle_types=bool(_get(cfg, "data.balanced_shuffle", True)))
@@ -349,7 +398,8 @@ def make_iterator(cfg, stage: int, *, tokenizers: Mapping[str, Tokenizer] | None
                 seed=seed, label_from_folder=bool(_get(cfg, "data.return_deg_type", False)),
                 tokenizers=tokenizers or {}, process_index=process_index, process_count=process_count,
                 max_pixels=int(_get(cfg, "data.max_image_pixels", MAX_IMAGE_PIXELS)), block=block,
-                base=base)
+                base=base, answers=cot_answers(cfg) != "none",
+                process=paired.process_pair if is_paired(source) else process_record)
   return CotirIterator(
       fn, batch_size=block, start_position=start,
       num_workers=int(_get(cfg, "data.num_workers", 0) if num_workers is None else num_workers),

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cotir_jax.cli import UserError
+
 log = logging.getLogger(__name__)
 
 PROMPT_ERRORS = ("stop", "skip")
@@ -29,7 +31,7 @@ class PromptError(Exception):
     self.reason = reason
 
 
-class PromptFileError(ValueError):
+class PromptFileError(UserError, ValueError):
   """A prompt file is not UTF-8 (data.prompt_errors='stop'); the message names the file and lines."""
 
 
@@ -149,6 +151,16 @@ class PromptBank:
     self.generic = read_lines(gen_file, prompt_errors) if gen_file.exists() else []
     files = sorted(f for f in special_dir.glob("*.txt") if f.is_file()) if special_dir else []
     self._files: dict[str, list[str]] = {f.name[:-4]: read_lines(f, prompt_errors) for f in files}
+
+  @classmethod
+  def from_lines(cls, generic: Sequence[str], special: dict[str, Sequence[str]]) -> "PromptBank":
+    """A bank of in-memory lines instead of prompt files: `generic` as gen_prompt.txt, `special`
+    {label: lines} as spe_prompt/<label>.txt (paired data, whose prompts come from the config)."""
+    bank = cls.__new__(cls)
+    bank.root, bank.special_dir, bank.missing_prompt = None, None, "skip"
+    bank.generic = [ln.strip() for ln in generic if ln.strip()]
+    bank._files = {label: [ln.strip() for ln in lines if ln.strip()] for label, lines in special.items()}
+    return bank
 
   def sample_generic(self, rng: np.random.Generator) -> str:
     return self.generic[rng.integers(len(self.generic))] if self.generic else ""

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cotir_jax.cli import UserError
 from cotir_jax.data import prompts as P
 from cotir_jax.data.decode import RawRecord, SkipFractionError
 
@@ -33,7 +34,7 @@ _INDEX_VERSION = 2
 _MAX_TAIL_READ = 1 << 20  # bytes past the last member checked for being end-of-archive zero padding
 
 
-class DataLayoutError(RuntimeError):
+class DataLayoutError(UserError, RuntimeError):
   """Entries under the shard root cannot be opened; the message lists every such path and why."""
 
 
@@ -221,6 +222,8 @@ class TarSource:
   records of one type are contiguous. `bad_shard_paths` {path: problem} lists the bad shards found at
   start-up (see scan_tar) out of `num_shards`.
   """
+
+  layout = "cotir_bench"  # records with meta.json (paired.PairSource's are "paired")
 
   def __init__(self, root: str | os.PathLike, cache_dir: str | os.PathLike | None = "default"):
     self.root = Path(root)

@@ -19,8 +19,9 @@ class CoTIR(nnx.Module):
   """`model(img, img_ids, txt, txt_ids, timesteps, vec=None, guidance=None)` →
   (velocity [B, N_img, C], scene, degradation, plan [B, L_txt, D_ctx]), all float32."""
 
-  def __init__(self, cfg, *, rngs: nnx.Rngs):
-    spec = cfg if isinstance(cfg, ModelSpec) else ModelSpec.from_config(cfg)
+  def __init__(self, cfg, *, rngs: nnx.Rngs, platform: str | None = None):
+    """`cfg`: `config.model` or a `ModelSpec`; `platform`: see `ModelSpec.from_config`."""
+    spec = cfg if isinstance(cfg, ModelSpec) else ModelSpec.from_config(cfg, platform)
     self.backbone = FluxTransformer(spec, rngs=rngs)
     self.cot_adapter = CoTAdapter(spec, rngs=rngs)
 

@@ -129,14 +129,15 @@ def to_heads(x: jax.Array, num_heads: int) -> jax.Array:
 
 
 class LoRA(nnx.Module):
-  """Low-rank update y += scale * (x A + b) B-style, with upstream's bias on B (spec §8).
+  """Low-rank update y += scale * (x A B + b), with upstream's bias b on B (`bias=False`: none).
 
   `init="zeros"` starts B and its bias at 0 (the model equals the base at step 0);
   `init="upstream"` uses PyTorch's default Linear init for A, B and B's bias (spec §17.1).
   """
 
   def __init__(self, in_features: int, out_features: int, rank: int, *, scale: float,
-               init: str, out_axis: str | None, param_dtype, dtype, rngs: nnx.Rngs):
+               init: str, out_axis: str | None, param_dtype, dtype, rngs: nnx.Rngs,
+               bias: bool = True):
     r = min(rank, in_features, out_features)
     self.rank, self.scale, self.dtype = r, scale, dtype
     self.a = param(torch_uniform(rngs.params(), (in_features, r), in_features, param_dtype),
@@ -150,12 +151,14 @@ class LoRA(nnx.Module):
     else:
       raise ValueError(f"model.lora.init={init!r} is not allowed; choose 'zeros' or 'upstream'")
     self.b = param(b, (None, out_axis), nnx.LoRAParam)
-    self.b_bias = param(b_bias, (out_axis,), nnx.LoRAParam)
+    self.b_bias = param(b_bias, (out_axis,), nnx.LoRAParam) if bias else None
 
   def __call__(self, x: jax.Array, precision=None) -> jax.Array:
     """The float32 update scale·(x A B + b), added to the base output before its cast."""
     h = matmul(matmul(x, self.a[...], self.dtype, precision), self.b[...], self.dtype, precision)
-    return self.scale * (h + self.b_bias[...].astype(jnp.float32))
+    if self.b_bias is not None:
+      h = h + self.b_bias[...].astype(jnp.float32)
+    return self.scale * h
 
 
 class Dense(nnx.Module):
@@ -171,7 +174,7 @@ class Dense(nnx.Module):
                        (axes[1],)) if use_bias else None)
     self.lora = (LoRA(in_features, out_features, lora.rank, scale=lora.scale, init=lora.init,
                       out_axis=axes[1], param_dtype=lora_dtype or param_dtype, dtype=dtype,
-                      rngs=rngs) if lora is not None else None)
+                      rngs=rngs, bias=lora.bias) if lora is not None else None)
 
   def __call__(self, x: jax.Array, cols: Callable[[jax.Array], jax.Array] | None = None
                ) -> jax.Array:
@@ -189,27 +192,38 @@ class Dense(nnx.Module):
     return y.astype(self.dtype)
 
 
-def merge_lora(model: nnx.Module) -> nnx.Module:
-  """Folds every LoRA into its base weights in float32 (W += s·A B, b += s·b_B) and drops it.
+def merge_lora(model: nnx.Module, *, upstream: bool = False) -> nnx.Module:
+  """Folds every LoRA into its base weights (W += s·A B, b += s·b_B) and drops it.
 
+  The update is computed in float32 at full precision and added in float32, one rounding to
+  the weights' dtype; `upstream=True` rounds the update to that dtype first and then adds it,
+  as upstream's `_merge_lora_into_base` does (`W.add_(delta.to(W.dtype))`).
   Works on stacked (scanned) layers too: leading axes are batch axes of the product.
-  Bias-free layers get a bias, as upstream's `_merge_lora_into_base` creates one.
+  Bias-free layers get a bias, as upstream's `_merge_lora_into_base` creates one (unless the
+  LoRA has no bias either).
   """
+  def add(w, delta):
+    if upstream:
+      delta = delta.astype(w.dtype)
+    return (w.astype(jnp.float32) + delta.astype(jnp.float32)).astype(w.dtype)
+
   for _, module in nnx.iter_graph(model):
     if isinstance(module, Dense) and module.lora is not None:
       lora = module.lora
       a = lora.a[...].astype(jnp.float32)
       b = lora.b[...].astype(jnp.float32)
-      delta = lora.scale * jnp.einsum("...ir,...ro->...io", a, b)
+      delta = lora.scale * jnp.einsum("...ir,...ro->...io", a, b,
+                                      precision=jax.lax.Precision.HIGHEST)
       kernel = module.kernel[...]
-      module.kernel[...] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
-      b_bias = lora.scale * lora.b_bias[...].astype(jnp.float32)
-      if module.bias is None:
-        axes = module.kernel.get_metadata().get("out_sharding")
-        module.bias = nnx.data(param(b_bias.astype(kernel.dtype), (axes[:-2] + axes[-1:]) if axes else None))
-      else:
-        bias = module.bias[...]
-        module.bias[...] = (bias.astype(jnp.float32) + b_bias).astype(bias.dtype)
+      module.kernel[...] = add(kernel, delta)
+      if lora.b_bias is not None:
+        b_bias = lora.scale * lora.b_bias[...].astype(jnp.float32)
+        if module.bias is None:
+          axes = module.kernel.get_metadata().get("out_sharding")
+          module.bias = nnx.data(param(b_bias.astype(kernel.dtype),
+                                       (axes[:-2] + axes[-1:]) if axes else None))
+        else:
+          module.bias[...] = add(module.bias[...], b_bias)
       module.lora = None
   return model
 
@@ -302,20 +316,12 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return out.reshape(x.shape).astype(x.dtype)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation="xla") -> jax.Array:
-  """Unmasked attention of q [B, Lq, H, D] over k, v [B, Lk, H, D] → [B, Lq, H·D].
-
-  `implementation`: a `model.attention` name ("xla", "cudnn", "splash") or an
-  `attention.AttentionSpec` with the kernel's block sizes; scale 1/sqrt(D), no mask (spec §2).
-  """
-  out = kernels.attend(q, k, v, implementation)
-  return out.reshape(*out.shape[:2], -1)
-
-
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, rope: tuple[jax.Array, jax.Array],
-              implementation: str = "xla", q_rope: tuple[jax.Array, jax.Array] | None = None
-              ) -> jax.Array:
+              implementation: kernels.AttentionSpec | str = "xla",
+              q_rope: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
   """Full bidirectional attention with RoPE on q, k ([B, L, H, D]); returns [B, Lq, H·D].
+
+  `implementation`: an `attention.AttentionSpec` or a `model.attention` name; scale 1/sqrt(D).
 
   `q_rope` gives the queries' own cos/sin when they are a subset of the keys' positions (the
   CoT adapter's text rows). q, k, v (after RoPE) and the output are named for remat policies
@@ -325,7 +331,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, rope: tuple[jax.Array, j
   qc, qs = q_rope or rope
   q, k, v = (checkpoint_name(constrain(x, HEADS), QKV)
              for x in (apply_rope(q, qc, qs), apply_rope(k, cos, sin), v))
-  return checkpoint_name(constrain(attend(q, k, v, implementation), HIDDEN), ATTENTION_OUT)
+  out = kernels.attend(q, k, v, implementation)
+  return checkpoint_name(constrain(out.reshape(*out.shape[:2], -1), HIDDEN), ATTENTION_OUT)
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:

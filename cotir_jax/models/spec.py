@@ -9,12 +9,16 @@ import jax.numpy as jnp
 from cotir_jax.models.attention import AttentionSpec
 from cotir_jax.models.layers import FusedLayout, dtype_of, fused_groups
 
+# `mixed_precision` (accelerate's names) → the dtype matmuls take their inputs in
+COMPUTE_DTYPES = {"bf16": jnp.bfloat16, "no": jnp.float32}
+
 
 @dataclasses.dataclass(frozen=True)
 class LoRASpec:
   rank: int
   scale: float
   init: str
+  bias: bool = True  # B's bias
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +108,9 @@ class ModelSpec:
     return FusedLayout((h, mh), fused_groups(self.num_heads, mh))
 
   @classmethod
-  def from_config(cls, m) -> "ModelSpec":
+  def from_config(cls, m, platform: str | None = None) -> "ModelSpec":
+    """From `config.model`; `platform`: of the devices it runs on (what model.attention="auto"
+    resolves for; None: the default devices)."""
     upstream = m.get("compat", "default") == "upstream"
     lora = m.lora
     return cls(
@@ -115,10 +121,11 @@ class ModelSpec:
         vec_in_dim=m.vec_in_dim, guidance_embed=bool(m.guidance_embed),
         adapter_depth=m.cot_adapter.depth, adapter_mlp_ratio=float(m.cot_adapter.mlp_ratio),
         adapter_out_channels=m.cot_adapter.out_channels,
-        lora=LoRASpec(lora.rank, float(lora.scale), lora.init) if lora.enabled else None,
-        dtype=dtype_of(m.dtype), param_dtype=dtype_of(m.param_dtype),
+        lora=(LoRASpec(lora.rank, float(lora.scale), lora.init, bool(lora.lora_bias))
+              if lora.enabled else None),
+        dtype=COMPUTE_DTYPES[m.mixed_precision], param_dtype=dtype_of(m.param_dtype),
         trainable_dtype=jnp.bfloat16 if upstream else jnp.float32, upstream=upstream,
-        attention=AttentionSpec.from_config(m), remat=m.remat_policy, scan_layers=bool(m.scan_layers),
+        attention=AttentionSpec.from_config(m, platform), remat=m.remat_policy, scan_layers=bool(m.scan_layers),
         remat_overrides=tuple((part, policy) for part, policy in m.get("remat", {}).items()
                               if policy))
 

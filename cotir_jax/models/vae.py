@@ -361,10 +361,8 @@ def _common(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.in_channels = 3
   c.out_channels = 3
   c.layers_per_block = 2
-  c.act_fn = "silu"
   c.norm_num_groups = 32
   c.mid_block_add_attention = True
-  c.sample_size = 1024
   return c
 
 
@@ -382,7 +380,6 @@ def vae_config(family: str) -> ml_collections.ConfigDict:
     c.use_quant_conv = True
     c.use_post_quant_conv = True
     c.batch_norm_eps = 1e-4
-    c.batch_norm_momentum = 0.1
     c.patch_size = (2, 2)
   else:  # FLUX.1 `vae/`: AutoencoderKL without quant convs
     c.latent_channels = 16
@@ -390,7 +387,6 @@ def vae_config(family: str) -> ml_collections.ConfigDict:
     c.use_post_quant_conv = False
     c.scaling_factor = 0.3611
     c.shift_factor = 0.1159
-    c.force_upcast = True
   return c
 
 
@@ -404,7 +400,6 @@ def tiny_vae_config(family: str) -> ml_collections.ConfigDict:
   c.block_out_channels = (16, 32, 32, 32)
   c.layers_per_block = 1
   c.norm_num_groups = 8
-  c.sample_size = 64
   return c
 
 

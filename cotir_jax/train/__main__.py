@@ -6,12 +6,11 @@ environment variables): every process gets the same `--coordinator` and `--num_p
 its own `--process_id`.
 """
 
-import argparse
 import logging
 import os
 import sys
 
-from cotir_jax import config
+from cotir_jax import cli
 
 
 def _env_int(name):
@@ -39,11 +38,8 @@ def init_distributed(coordinator=None, num_processes=None, process_id=None, time
                              heartbeat_timeout_seconds=timeout_s)
 
 
-def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m cotir_jax.train", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", metavar="FILE", help="the recipe (configs/tiny.py, "
-                      "configs/cotir_4b.py ...); --config.a.b=v overrides any field")
+def _parser() -> cli.ArgumentParser:
+  parser = cli.ArgumentParser(prog="python -m cotir_jax.train", description=__doc__, config=True)
   parser.add_argument("--workdir", default=None,
                       help="output and resume directory (default: runs/<project_name>)")
   parser.add_argument("--distributed", action="store_true",
@@ -65,13 +61,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
+  return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
   parser = _parser()
-  if {"-h", "--help"} & set(argv):
-    parser.print_help()
-    return 0
-  cfg, rest = config.parse_cli(argv)
-  args = parser.parse_args(rest)
+  cfg, args = cli.parse(parser, argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   import jax
   if args.distributed:
@@ -79,18 +74,10 @@ def main(argv=None) -> int:
                      args.distributed_timeout)
   elif any(v is not None for v in (args.num_processes, args.process_id)):
     parser.error("--num_processes / --process_id need --distributed")
-  from cotir_jax.convert.core import ConversionError
   from cotir_jax.train.loop import train
-  from cotir_jax.train.workdir import WorkdirError
   workdir = args.workdir or f"runs/{cfg.project_name}"
   try:
     summary = train(cfg, workdir, take_over_lock=args.take_over_lock)
-  except WorkdirError as e:  # locked, unwritable, full, or another model's checkpoint
-    print(f"cotir_jax: error: {e}", file=sys.stderr, flush=True)
-    return 1
-  except ConversionError as e:  # model.pretrained is no base checkpoint this version reads
-    print(f"cotir_jax: error: {e}", file=sys.stderr, flush=True)
-    return 2
   except jax.errors.JaxRuntimeError as e:
     if not (args.distributed and jax.process_count() > 1):
       raise

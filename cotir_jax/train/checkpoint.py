@@ -2,7 +2,8 @@
 
 One step holds
 * `state`: any pytree of arrays — the train loop passes {trainable params, optimizer state
-  (primal and dual, λ included), step, RNG key}; typed PRNG keys are stored as key data;
+  (primal and dual, λ included), step, RNG key, and the params' EMA when the run keeps one};
+  typed PRNG keys are stored as key data;
 * `meta` (JSON): the data-iterator state (a JSON-able dict, or bytes stored base64), the config
   as JSON, and what is needed to rebuild typed keys.
 Base weights are never copied here (the config points at the converted base checkpoint).
@@ -25,8 +26,9 @@ started then resumes.
 
 Resuming with another config: `check_config(cfg)` reads the config stored with the newest
 checkpoint (the meta item alone, no state target) and, before Orbax sees a state, fails with
-every changed field that defines the checkpoint (`CHECKPOINT_FIELDS`), as
-`field: checkpoint value → config value`; the other changes are returned for the start-up summary.
+every changed field that defines the checkpoint (`CHECKPOINT_FIELDS`, and `SWITCH_FIELDS` turned
+on or off), as `field: checkpoint value → config value`; the other changes are returned for the
+start-up summary.
 
 Write failures (disk full, read-only or unwritable directory, quota) surface from Orbax, often
 in its background thread, i.e. at the next `save`, at `wait` or `close`. They become one
@@ -59,9 +61,14 @@ from cotir_jax.train.workdir import WorkdirError
 # mesh, paths) is allowed; so is a field that only one of the two configs has (a config schema
 # that gained a field since the checkpoint was written).
 CHECKPOINT_FIELDS = ("compat", "model.*")
-MAY_CHANGE = ("model.pretrained", "model.tokenizer", "model.tokenizer_2", "model.attention",
-              "model.scan_layers", "model.remat_policy", "model.lora.merge_for_inference",
-              "model.cot_adapter.qk_scale")
+MAY_CHANGE = ("model.pretrained", "model.tokenizer", "model.tokenizer_2", "model.attention*",
+              "model.scan_layers", "model.remat_policy", "model.mixed_precision",
+              "model.lora.merge_for_inference")
+
+# Fields that define the checkpoint only as far as they switch a part of the state on or off:
+# its value may change on resume (another EMA decay), its being zero may not (the state would
+# gain or lose its `ema` entry).
+SWITCH_FIELDS = ("training.ema_decay",)
 
 # How a failed write looks when it comes out of Orbax: an OSError, or tensorstore's ValueError
 # carrying an absl status and the OS error (e.g. "RESOURCE_EXHAUSTED: Error writing local file").
@@ -163,7 +170,8 @@ def config_changes(stored, config) -> tuple[list[ConfigChange], list[ConfigChang
     if change.stored == change.current:
       continue
     both = field in old and field in new
-    (breaking if both and defines_checkpoint(field) else allowed).append(change)
+    switched = field in SWITCH_FIELDS and bool(old.get(field)) != bool(new.get(field))
+    (breaking if (both and defines_checkpoint(field)) or switched else allowed).append(change)
   return breaking, allowed
 
 

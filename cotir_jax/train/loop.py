@@ -22,18 +22,20 @@ from PIL import Image
 from tqdm import tqdm
 
 from cotir_jax import flops
+from cotir_jax.cli import UserError
 from cotir_jax import sample as sampler
 from cotir_jax.data import pipeline
 from cotir_jax.train import workdir as wd
 from cotir_jax.train.checkpoint import Checkpointer, estimate_nbytes
 from cotir_jax.train.metrics import MetricsWriter
 from cotir_jax.train.modules import build_tokenizers
+from cotir_jax.train.profiler import StepProfiler
 from cotir_jax.train.program import Program, configure_compiler
 
 log = logging.getLogger("cotir_jax.train")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
   """The loss or gradient became NaN/inf; the last good checkpoint is left as it was."""
 
 
@@ -90,12 +92,21 @@ def _grid(images) -> np.ndarray:
   return np.concatenate(rows, axis=0)
 
 
+def _start_note(step: int, total: int, resumed: bool, init_from: str | None) -> str:
+  if resumed:
+    return f"resuming at step {step} of {total}" + (
+        " (training.init_from unused: a resumed run continues from its own checkpoint)"
+        if init_from else "")
+  return f"starting at step 0 of {total}" + (f", initialised from {init_from}" if init_from else "")
+
+
 def train(cfg, workdir: str, *, take_over_lock: bool = False) -> dict:
   """Runs (or resumes) training in `workdir`; returns a summary (steps, compiles per stage).
 
   One run per workdir: process 0 holds `<workdir>/train.lock` while it runs (`take_over_lock`:
   take it from a run on another host that is gone; see `workdir.lock`).
   """
+  pipeline.source_dir(cfg)  # a wrong data directory fails before the workdir is touched
   with wd.lock(workdir, jax.process_index() == 0, take_over=take_over_lock):
     return _train(cfg, workdir)
 
@@ -104,7 +115,13 @@ def _train(cfg, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   lead = jax.process_index() == 0
   ckpt = Checkpointer(workdir, max_to_keep=cfg.training.checkpoints_total_limit)
+  if cfg.resume == "never" and ckpt.latest_step() is not None:
+    raise wd.WorkdirError(f"resume='never', but {ckpt.directory} holds the checkpoint of step "
+                          f"{ckpt.latest_step()}; train in a new --workdir, or resume='latest' "
+                          "to continue from it")
   config_changes = ckpt.check_config(cfg)  # another model's checkpoint fails here, before any build
+  source = pipeline.make_source(cfg)  # scanned once, before the model is built; every stage reads it
+  bank = pipeline.make_prompt_bank(cfg, source)
   configure_compiler(cfg)
   prog = Program.build(cfg)
   tokenizers = build_tokenizers(cfg)
@@ -116,7 +133,7 @@ def _train(cfg, workdir: str) -> dict:
     state = restored["state"]
     data_states = restored["data_state"]["processes"]
   else:
-    state = prog.init_state()
+    state = prog.init_state(cfg.training.init_from)
   frozen = prog.init_frozen()
   step = int(state["step"])
   total = int(cfg.training.iterations[-1])
@@ -128,12 +145,17 @@ def _train(cfg, workdir: str) -> dict:
     print(f"cotir_jax: {jax.process_count()} process(es), {jax.device_count()} "
           f"{jax.devices()[0].platform} device(s), mesh {dict(prog.mesh.shape)}"
           + (f" ({prog.mesh_note})" if prog.mesh_note else "")
+          + f"; attention {prog.attention_summary}"
           + f"; parameters {n_params:,} total / {n_train:,} trainable; state + frozen weights "
           f"{mem / 2**20:.1f} MiB per device; "
-          + (f"resuming at step {step}" if restored else "starting at step 0")
-          + f" of {total}; workdir {disk_free / 2**30:.1f} GiB free"
+          + _start_note(step, total, restored is not None, cfg.training.init_from)
+          + f"; workdir {disk_free / 2**30:.1f} GiB free"
           + (f"; config changed since the checkpoint: {'; '.join(map(str, config_changes))}"
              if config_changes else ""), flush=True)
+
+  if lead:
+    for note in pipeline.data_notes(cfg, source, bank):
+      print(f"cotir_jax: data: {note}", flush=True)
 
   peak = flops.device_peak_flops(jax.devices()[0], cfg.training.peak_tflops)
   if peak is None:  # a device without a published peak (CPU): its own best matmul rate
@@ -143,6 +165,7 @@ def _train(cfg, workdir: str) -> dict:
   writer = MetricsWriter(workdir, start_step=step, report_to=cfg.report_to,
                          project=cfg.project_name, config=cfg.to_dict(), is_lead=lead)
   bar = tqdm(total=total, initial=step, disable=not lead, desc="train", dynamic_ncols=True)
+  profiler = StepProfiler(cfg.training.profile_steps, workdir)
 
   def save(it):
     ckpt.save(int(state["step"]), state, data_state={"processes": _all_processes(it.get_state())},
@@ -153,9 +176,9 @@ def _train(cfg, workdir: str) -> dict:
       while step < total:
         stage = pipeline.stage_of_step(cfg, step)
         stage_end = min(int(cfg.training.iterations[stage]), total)
-        it = pipeline.make_iterator(cfg, stage, tokenizers=tokenizers, state=None if data_states
-                                    is None else pipeline.resume_state(data_states,
-                                                                       jax.process_index()))
+        it = pipeline.make_iterator(cfg, stage, tokenizers=tokenizers, source=source, bank=bank,
+                                    state=None if data_states is None else
+                                    pipeline.resume_state(data_states, jax.process_index()))
         t0 = time.perf_counter()
         jstep = prog.lower(stage).compile()
         validate = prog.validate(stage) if cfg.training.val_steps > 0 else None
@@ -173,6 +196,7 @@ def _train(cfg, workdir: str) -> dict:
           multihost_utils.sync_global_devices(f"cotir_jax stage {stage} compiled")
         t_last, n_since, logged_at = time.perf_counter(), 0, step
         while step < stage_end:
+          profiler.at(step, state)
           local = next(it)
           meta = local.pop("meta")
           batch = prog.place_batch(local, stage)
@@ -186,7 +210,7 @@ def _train(cfg, workdir: str) -> dict:
             val = {k: v[:prog.val_rows(stage)] for k, v in local.items()}
             if jax.process_count() > 1:
               val = multihost_utils.broadcast_one_to_all(val)
-            images, scores = validate(state["params"], frozen, prog.place_batch(val))
+            images, scores = validate(state[prog.val_weights], frozen, prog.place_batch(val))
             scores = {k: float(np.mean(v)) for k, v in jax.device_get(scores).items()}
             if lead:
               grid = _grid(images)
@@ -225,6 +249,7 @@ def _train(cfg, workdir: str) -> dict:
         data_states = _all_processes(it.get_state())
         it.close()
   finally:
+    profiler.close()
     bar.close()
     writer.close()
     ckpt.close()

@@ -3,7 +3,9 @@
 Only the lead process (jax.process_index() == 0) writes; elsewhere every call is a no-op.
 On resume (`start_step` > 0) lines with step ≥ start_step — written by a run that was killed
 after its last checkpoint — are dropped and TensorBoard purges the same steps, so a resumed run's
-logs read exactly like an uninterrupted run's.
+logs read exactly like an uninterrupted run's. wandb continues the workdir's own run: its id is
+kept in `<workdir>/wandb_run_id` by the first run and passed back by every resume (wandb itself
+keeps the first values it got for steps a killed run logged after its last checkpoint).
 """
 
 from __future__ import annotations
@@ -11,10 +13,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
+import string
 from collections.abc import Mapping
 
 import jax
 import numpy as np
+
+WANDB_ID_FILE = "wandb_run_id"
 
 
 def _to_python(v):
@@ -51,7 +57,8 @@ class MetricsWriter:
       except ImportError:
         print("report_to=wandb but wandb is not installed; logging to JSONL/TensorBoard only")
       else:
-        self._wandb = wandb.init(project=project, config=dict(config or {}), resume="allow")
+        self._wandb = wandb.init(project=project, config=dict(config or {}),
+                                 id=wandb_run_id(workdir), resume="allow")
 
   def _truncate(self, start_step: int) -> None:
     if not os.path.exists(self.path):
@@ -111,6 +118,20 @@ class MetricsWriter:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def wandb_run_id(workdir: str | os.PathLike) -> str:
+  """The workdir's wandb run id: made (wandb's form, 8 of [0-9a-z]) and stored by the first run,
+  read by every later one, so a resumed run logs into the same wandb run."""
+  path = os.path.join(os.fspath(workdir), WANDB_ID_FILE)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      return f.read().strip()
+  run_id = "".join(secrets.choice(string.digits + string.ascii_lowercase) for _ in range(8))
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.write(run_id + "\n")
+  os.replace(path + ".tmp", path)
+  return run_id
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:

@@ -21,7 +21,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cotir_jax import models, sharding, tokenization
-from cotir_jax.data.decode import TEXT_FIELDS
+from cotir_jax.config import ConfigError
+from cotir_jax.data.decode import ANSWER_MASK, TEXT_FIELDS
+from cotir_jax.models.attention import AttentionSpec, platform_of
 from cotir_jax.models.layers import dtype_of
 from cotir_jax.models.text import build_text_encoder
 from cotir_jax.models.vae import build_vae
@@ -32,21 +34,23 @@ BASE_NAMES = {"vae": "vae", "text": "text_encoder", "clip": "clip"}
 CLIP_LENGTH = 77  # CLIP's context, as upstream tokenizes it (spec §9.4)
 
 
-def _encoders_from_config(cfg, rngs) -> dict:
+def _encoders_from_config(cfg, rngs, platform) -> dict:
   m = cfg.model
   enc = dict(dtype=dtype_of(m.encoder_dtype), param_dtype=dtype_of(m.encoder_dtype), rngs=rngs)
-  return {"vae": build_vae(m.vae, **enc), "text": build_text_encoder(m.text_encoder, **enc),
-          "clip": build_text_encoder(m.clip, **enc) if "clip" in m else None}
+  text = dict(enc, implementation=AttentionSpec.from_config(m, platform))
+  return {"vae": build_vae(m.vae, **enc), "text": build_text_encoder(m.text_encoder, **text),
+          "clip": build_text_encoder(m.clip, **text) if "clip" in m else None}
 
 
-def _encoders_from_base(cfg) -> dict:
+def _encoders_from_base(cfg, platform) -> dict:
   from cotir_jax.convert.base import module_builder, read_manifest
   path, dt = cfg.model.pretrained, dtype_of(cfg.model.encoder_dtype)
   present = read_manifest(path)["modules"]
+  attention = AttentionSpec.from_config(cfg.model, platform)
   out = {}
   for ours, theirs in BASE_NAMES.items():
     if theirs in present:
-      build, _ = module_builder(path, theirs, dtype=dt, compute_dtype=dt)
+      build, _ = module_builder(path, theirs, dtype=dt, compute_dtype=dt, attention=attention)
       out[ours] = nnx.eval_shape(build)
     else:
       out[ours] = None
@@ -65,28 +69,34 @@ def _split(modules: dict) -> tuple[Graphs, dict]:
   return Graphs(**graphs), states
 
 
-def _modules_from_config(cfg) -> dict:
+def _modules_from_config(cfg, platform=None) -> dict:
   rngs = nnx.Rngs(cfg.seed)  # the model first: its draws do not depend on the encoders
-  return {"model": models.CoTIR(cfg.model, rngs=rngs), **_encoders_from_config(cfg, rngs)}
+  return {"model": models.CoTIR(cfg.model, rngs=rngs, platform=platform),
+          **_encoders_from_config(cfg, rngs, platform)}
 
 
-def abstract_states(cfg) -> tuple[Graphs, dict]:
-  """(graphs, states) with ShapeDtypeStruct leaves: {"params", "model", "vae", "text"[, "clip"]}."""
+def abstract_states(cfg, platform: str | None = None) -> tuple[Graphs, dict]:
+  """(graphs, states) with ShapeDtypeStruct leaves: {"params", "model", "vae", "text"[, "clip"]}.
+
+  `platform`: of the devices the graphs will run on, which `model.attention` resolves for
+  (`attention.platform_of`; None: the default devices)."""
   if not cfg.model.pretrained:
-    graphs, states = _split(nnx.eval_shape(lambda: _modules_from_config(cfg)))
+    graphs, states = _split(nnx.eval_shape(lambda: _modules_from_config(cfg, platform)))
   else:
-    model = nnx.eval_shape(lambda: models.CoTIR(cfg.model, rngs=nnx.Rngs(cfg.seed)))
-    graphs, states = _split({"model": model, **_encoders_from_base(cfg)})
+    model = nnx.eval_shape(lambda: models.CoTIR(cfg.model, rngs=nnx.Rngs(cfg.seed),
+                                                platform=platform))
+    graphs, states = _split({"model": model, **_encoders_from_base(cfg, platform)})
   return graphs, {k: v for k, v in states.items() if v is not None}
 
 
-def run_init(fn, out_shardings):
-  """`fn()` (a random initialiser) jitted straight into `out_shardings`. It runs once, so on CPU
+def run_init(fn, out_shardings, *args):
+  """`fn(*args)` (an initialiser) jitted straight into `out_shardings`. It runs once, so on CPU
   it is compiled without LLVM's optimisations: half the compile time of the tiny configs'
   frozen weights (18 s → 9 s), the same values."""
-  compiled = jax.jit(fn, out_shardings=out_shardings).lower()
+  compiled = jax.jit(fn, out_shardings=out_shardings).lower(*args)
   cpu = jax.default_backend() == "cpu"
-  return compiled.compile(compiler_options={"xla_backend_optimization_level": 0} if cpu else None)()
+  return compiled.compile(compiler_options={"xla_backend_optimization_level": 0} if cpu else None)(
+      *args)
 
 
 def init_params(cfg):
@@ -128,7 +138,7 @@ def init_frozen(cfg, abstract: dict) -> dict:
 def build_states(cfg, mesh, rules=None):
   """(graphs, params, frozen): concrete trainable and frozen states placed with the rule-table
   shardings on `mesh` (for inference and tools; training goes through `program.Program`)."""
-  graphs, abstract = abstract_states(cfg)
+  graphs, abstract = abstract_states(cfg, platform_of(mesh.devices.flat[0]))
   abstract = sharding.abstract_with_shardings(abstract, sharding.tree_shardings(abstract, mesh, rules))
   params_sh = jax.tree.map(lambda a: a.sharding, abstract["params"])
   params = run_init(lambda: init_params(cfg), params_sh)
@@ -144,7 +154,7 @@ def tokenizer_lengths(cfg) -> dict[str, int]:
 def batch_spec(cfg, batch: int, patch: int) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes and dtypes of a training batch (the data pipeline's arrays, `meta` aside)."""
   image = jax.ShapeDtypeStruct((batch, patch, patch, 3), jnp.float32)
-  spec = {"hq": image, "lq": image}
+  spec = {"hq": image, "lq": image, ANSWER_MASK: jax.ShapeDtypeStruct((batch, 3), jnp.int32)}
   for name, length in tokenizer_lengths(cfg).items():
     for field in TEXT_FIELDS:
       for part in ("ids", "mask"):
@@ -161,8 +171,8 @@ def _tokenizer_dir(cfg, field: str, base_module: str) -> str:
     found = tokenizer_path(cfg.model.pretrained, base_module)
     if found:
       return found
-  raise ValueError(f"model.{field} is unset and model.pretrained has no tokenizer for "
-                   f"{base_module}; point model.{field} at a tokenizer directory")
+  raise ConfigError(f"model.{field} is unset and model.pretrained has no tokenizer for "
+                    f"{base_module}; point model.{field} at a tokenizer directory")
 
 
 def build_tokenizers(cfg) -> dict:

@@ -1,49 +1,35 @@
-"""The primal-dual optimiser of CoTIR (spec §11) as ONE optax `GradientTransformation`.
+"""CoTIR's primal-dual optimizer as optax chains: one for the weights, one per multiplier.
 
-The optimised pytree is `{"params": <trainable nnx.State>, "lambdas": {"s", "d", "p"}}`:
+The optimized pytree is `{"params": <trainable nnx.State>, "lambdas": {"s", "d", "p"}}`;
+`make_optimizer` is an `optax.multi_transform` over it:
 
-* primal (`params`): torch-style `clip_grad_norm_` (scale min(1, max_norm / (‖g‖ + 1e-6))) then
-  torch AdamW (decoupled weight decay on every trainable leaf) with the lr of `lr_schedule`;
-* dual (`lambdas`): Adam(`lambda_lr`, 0.9, 0.999, 1e-8) *ascent* on the Lagrange multipliers,
-  then the projection λ ← max(λ, 0).
+* `params`: clip the global gradient norm, then AdamW with the lr of `lr_schedule`, as upstream
+  trains (torch's `clip_grad_norm_` + `AdamW`);
+* each λ_k: Adam on the dual loss −Σ λ_k c_k (descending it is ascent on λ), then λ_k ≥ 0.
+  Each λ_k has its own Adam state, as in torch, so that a batch without evidence for λ_k
+  (`join_grads(..., valid)`) can leave λ_k and its state as they are.
 
-How c reaches the dual part: the primal loss holds λ constant (stop_gradient), so autodiff gives
-λ no useful gradient. The step instead passes the dual gradient explicitly,
-`grads = join_grads(param_grads, c)`, whose `lambdas` leaf k is −c_k (the gradient of
-the dual loss −Σ λ_k c_k; minimising it with Adam is ascent on λ). Inside one `jax.jit` over
-the global batch c is already the global average, so every data-parallel replica computes the
-same λ (upstream's per-rank λ drift, spec §11.5, does not happen).
+The primal loss holds λ constant, so autodiff gives λ no gradient: the step passes it,
+`join_grads(param_grads, c)`, as −c_k. c is the mean over the global batch, so every
+data-parallel replica computes the same λ.
 
-Typical use in the train step::
+optax's pieces are used where they compute torch's numbers to 1e-6 over a 120-step float32
+trajectory; the custom pieces are where they do not:
+* `scale_by_torch_adam`: torch takes the bias corrections 1 − β^t in double. In float32 they
+  come out up to 1.3e-5 too large, and with `optax.scale_by_adam` λ drifts 8.5e-6 from torch's.
+* `torch_adamw_step`: torch decays p by the factor (1 − lr·wd), rounded, before the Adam step;
+  `optax.add_decayed_weights` decays exactly and ends 1.6e-6 away.
+* compat="upstream" keeps the weights and Adam moments in bf16, as upstream does; the torch_*
+  pieces then round where torch's bf16 kernels round (bit for bit but for rare 1-ulp
+  differences), and the clip is `torch_clip_by_global_norm`, which rounds its norms too.
 
-    tx = optim.make_optimizer(cfg)
-    opt_state = tx.init({"params": params, "lambdas": optim.init_lambdas()})
-    ...
-    (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(params, lambdas)   # aux["c"]
-    grads = optim.join_grads(g, aux["c"])
-    updates, opt_state = tx.update(grads, opt_state, {"params": params, "lambdas": lambdas})
-    new = optax.apply_updates({"params": params, "lambdas": lambdas}, updates)
-    lr = optim.lr_schedule(cfg)(opt_state.count - 1)     # the lr this update used
-    gnorm = opt_state.grad_norm                          # pre-clip global norm, for logging
-
-Precision: moments are stored in the dtype of their parameter (float32 masters by default; bf16
-under compat="upstream", where the model builds bf16 trainable params — torch's AdamW keeps its
-state in the param dtype, spec §11.2). Arithmetic runs in float32 and is rounded to the
-gradient / storage dtype wherever torch's bf16 kernels round: the clip norms and coefficient,
-the clipped gradient, m and v (v twice: ×β2, then +(1−β2)g²), the denominator's three steps,
-the parameter after the weight decay and again after the Adam step. With bf16 params this
-matches torch's CPU AdamW bit for bit up to rare 1-ulp differences (tested); with float32 params
-it is torch's float32 computation operation for operation, its bias corrections included (exact
-to float32, `_one_minus_pow`). Compiled, XLA may fuse a multiply and an add into one FMA or
-divide by a scalar through its reciprocal: 1-ulp differences, no drift (tested both ways).
-Updates are returned in float32 so that `optax.apply_updates` (p + u, cast to p.dtype) lands
-exactly on the rounded parameter.
+Updates are float32, so that `optax.apply_updates` lands exactly on the parameter torch holds.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,9 +49,9 @@ def _schedule_numbers(cfg):
 
 
 def lr_unfloored(cfg):
-  """k ↦ learning_rate·f(k) (diffusers' cosine-with-warmup in optimizer steps, spec §11.4).
+  """k ↦ learning_rate·f(k), diffusers' cosine-with-warmup counted in optimizer updates.
 
-  This is what upstream logs as `learning_rate` (get_last_lr() before the floor).
+  This is what upstream logs as `learning_rate` (the scheduler's value before its floor).
   f(k) = k/warmup for k < warmup, else max(0, 0.5(1 + cos(π(k − warmup)/(total − warmup)))).
   """
   lr, _, warmup, total, _ = _schedule_numbers(cfg)
@@ -81,15 +67,14 @@ def lr_unfloored(cfg):
 
 
 def lr_schedule(cfg):
-  """k ↦ the learning rate of the k-th optimizer update (k = 0, 1, ...), spec §11.4.
+  """k ↦ the learning rate of the update applied after k updates (k = 0, 1, ...).
 
   lr(k) = max(min_learning_rate, learning_rate·f(k)) for every k ≥ 1.
 
-  k = 0: under compat="upstream" the lr is exactly 0 (LambdaLR sets base·f(0) = 0 before the
-  first floor is applied, so upstream's first step only fills the Adam moments). By default
-  the floor applies to k = 0 as well (lr = min_learning_rate): the closed form of §11.4 holds
-  for every step and the first batch is not wasted; the 0 is an artefact of the order of
-  torch's scheduler calls, not part of the method (design decision 3).
+  k = 0: under compat="upstream" the lr is exactly 0, as upstream's first step runs before its
+  scheduler first applies the floor (LambdaLR starts at base·f(0) = 0): that step only fills
+  the Adam moments. By default the floor holds from k = 0 on, so the first batch is not
+  wasted; the 0 comes from the order of torch's scheduler calls, not from the method.
   """
   base = lr_unfloored(cfg)
   _, min_lr, _, _, upstream = _schedule_numbers(cfg)
@@ -105,10 +90,10 @@ def lr_schedule(cfg):
 
 
 def use_gen_prob(cfg, step):
-  """Probability of the generic prompt at `step` (spec §11.6): value of the largest key ≤ step.
+  """Probability of the generic prompt at `step`: the value of the largest key ≤ step.
 
-  0 before the first key (upstream's default), clipped to [0, 1] (spec §10.1). Works with a
-  Python int or a traced int inside jit.
+  0 before the first key (upstream's default), clipped to [0, 1]. Works with a Python int or a
+  traced int inside jit.
   """
   items = sorted((int(k), float(v)) for k, v in dict(cfg.training.use_gen).items())
   if not items:
@@ -119,152 +104,179 @@ def use_gen_prob(cfg, step):
   return jnp.clip(values[idx], 0.0, 1.0)
 
 
-# --------------------------------------------------------------------------- the chain
+# --------------------------------------------------------------------------- multipliers
 
-class PrimalDualState(NamedTuple):
-  """Optimizer state; `count` is the number of updates applied so far (k of the next one)."""
-  count: jax.Array            # int32 scalar
-  mu: Any                     # primal first moments (like params)
-  nu: Any                     # primal second moments (like params)
-  lambda_mu: dict             # dual Adam moments, float32 scalars
-  lambda_nu: dict
-  grad_norm: jax.Array        # global L2 norm of the last primal gradient, before clipping
+class DualGrad(NamedTuple):
+  """The gradient of λ_k and whether any sample of the batch constrains λ_k."""
+  grad: jax.Array   # −c_k, float32 scalar
+  valid: jax.Array  # bool scalar
 
 
 def init_lambdas() -> dict:
-  """λ_s, λ_d, λ_p as float32 scalars, initialised to 0 (spec §11.5)."""
+  """λ_s, λ_d, λ_p as float32 scalars, initialised to 0 (the text losses start unweighted)."""
   return {k: jnp.zeros((), jnp.float32) for k in LAMBDA_KEYS}
 
 
-def dual_grads(c: dict) -> dict:
-  """The gradient of the dual loss −Σ λ_k c_k with respect to λ: {k: −c_k} (float32)."""
-  return {k: -jnp.asarray(c[k], jnp.float32) for k in LAMBDA_KEYS}
+def join_grads(param_grads, c: dict, valid: dict | None = None) -> dict:
+  """The gradient pytree `make_optimizer` takes: the primal gradients, and for each λ_k the
+  gradient of the dual loss −Σ λ_k c_k, which is −c_k.
+
+  `valid` {k: bool scalar} (default: all True): False where no sample of the batch has the
+  answer of term k; λ_k then takes no step at all (its value and Adam state are kept).
+  """
+  lambdas = {k: DualGrad(-jnp.asarray(c[k], jnp.float32),
+                         jnp.asarray(True if valid is None else valid[k], bool))
+             for k in LAMBDA_KEYS}
+  return {"params": param_grads, "lambdas": lambdas}
 
 
-def join_grads(param_grads, c: dict) -> dict:
-  """The gradient pytree the chain expects: primal grads plus the dual gradient from c."""
-  return {"params": param_grads, "lambdas": dual_grads(c)}
+def grad_norm(opt_state) -> jax.Array:
+  """The global L2 norm of the last primal gradient, before clipping (for logging)."""
+  return optax.tree.get(opt_state, "grad_norm")
 
 
-def global_norm(tree) -> jax.Array:
-  """L2 norm over all leaves, accumulated in float32."""
-  leaves = jax.tree.leaves(tree)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
-
+# --------------------------------------------------------------------------- custom pieces
 
 def _rnd(x, dtype):
-  """Round a float32 intermediate to a storage dtype, back in float32 for further maths."""
+  """Rounds a float32 intermediate to a storage dtype, back in float32 for further maths."""
   return x.astype(dtype).astype(jnp.float32)
 
 
-def _torch_clip_scale(grads, max_norm):
-  """(global norm, clip coefficient) as torch.nn.utils.clip_grad_norm_ computes them.
-
-  coef = min(1, max_norm / (‖g‖ + 1e-6)). Torch works in the gradients' dtype: per-tensor
-  norms, the total norm and the coefficient are rounded to it (bf16 under compat); with
-  float32 gradients this is the plain float32 computation.
-  """
-  leaves = jax.tree.leaves(grads)
-  if not leaves:
-    return jnp.float32(0.0), jnp.float32(1.0)
-  dt = jnp.result_type(*leaves)
-  norms = [_rnd(jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)))), x.dtype) for x in leaves]
-  total = _rnd(jnp.sqrt(sum(jnp.square(n) for n in norms)), dt)
-  if max_norm is None:
-    return total, jnp.float32(1.0)
-  coef = _rnd(max_norm / _rnd(total + 1e-6, dt), dt)
-  return total, jnp.minimum(coef, 1.0)
-
-
 def _one_minus_pow(b: float, t) -> jax.Array:
-  """1 − b**t in float32 for a Python float `b` and float32 step `t`, within 2 ulp of exact.
+  """1 − b**t in float32 for a Python float `b` and a float32 step `t`, within 2 ulp.
 
-  torch computes Adam's bias corrections in double. Evaluated in float32, b = 0.999 rounds to
-  0.99900001 and 1 − b**t comes out up to 1.3e-5 (relative) too large, so every Adam step would
-  be ~6.6e-6 too small. −expm1(t·log b), with log b taken in double, has neither the rounded b
-  nor the cancellation.
+  −expm1(t·log b), with log b taken in double, has neither float32's rounding of b nor the
+  cancellation of 1 − b**t.
   """
   if b == 0.0:
     return jnp.float32(1.0)
   return -jnp.expm1(t * jnp.float32(math.log(b)))
 
 
-def primal_dual(learning_rate, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                weight_decay: float = 0.01, max_grad_norm: float | None = 1.0,
-                lambda_lr: float = 1e-4, lambda_b1: float = 0.9, lambda_b2: float = 0.999,
-                lambda_eps: float = 1e-8, moment_dtype=None) -> optax.GradientTransformation:
-  """Clip + torch AdamW on `params`, projected Adam ascent on `lambdas` (see module docstring).
+class TorchAdamState(NamedTuple):
+  count: jax.Array  # int32: updates so far
+  mu: optax.Updates
+  nu: optax.Updates
 
-  `learning_rate`: a float or a schedule k ↦ lr evaluated at k = state.count.
-  `moment_dtype`: None stores each moment in its parameter's dtype (torch's behaviour).
+
+def scale_by_torch_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+  """Adam's direction m̂ / (√v̂ + ε) as torch's Adam computes it.
+
+  The bias corrections are exact (torch's are in double). The moments are kept in the
+  parameter's dtype, like torch's, and rounded to it where torch's kernels round: m by
+  `lerp_`, v twice (`mul_`, `addcmul_`), the denominator's three steps.
   """
-  sched = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
-
   def init(params):
-    p = params["params"]
-    mdt = lambda x: moment_dtype or x.dtype
-    zeros = lambda x: jnp.zeros(x.shape, mdt(x))
-    lam = {k: jnp.zeros((), jnp.float32) for k in params["lambdas"]}
-    return PrimalDualState(count=jnp.zeros((), jnp.int32), mu=jax.tree.map(zeros, p),
-                           nu=jax.tree.map(zeros, p), lambda_mu=lam, lambda_nu=dict(lam),
-                           grad_norm=jnp.zeros((), jnp.float32))
+    return TorchAdamState(jnp.zeros((), jnp.int32), optax.tree.zeros_like(params),
+                          optax.tree.zeros_like(params))
 
-  def update(grads, state, params=None):
-    if params is None:
-      raise ValueError("primal_dual needs params (weight decay and the λ ≥ 0 projection)")
-    k = state.count
-    t = (k + 1).astype(jnp.float32)          # torch's 1-based step for the bias corrections
-    lr = jnp.asarray(sched(k), jnp.float32)
+  def update(updates, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    t = count.astype(jnp.float32)
+    bc1, bc2_sqrt = _one_minus_pow(b1, t), jnp.sqrt(_one_minus_pow(b2, t))
 
-    # primal: torch clip_grad_norm_ (note the + 1e-6) ...
-    g_tree, p_tree = grads["params"], params["params"]
-    gnorm, scale = _torch_clip_scale(g_tree, max_grad_norm)
-    bc1 = _one_minus_pow(b1, t)
-    bc2_sqrt = jnp.sqrt(_one_minus_pow(b2, t))
+    def first(g, m):
+      m32 = m.astype(jnp.float32)
+      return (m32 + (1.0 - b1) * (g.astype(jnp.float32) - m32)).astype(m.dtype)
 
-    # ... then torch AdamW (decay first, then the Adam step), rounded as torch rounds.
-    def leaf(g, p, m, v):
-      sdt, pdt = m.dtype, p.dtype
-      g = _rnd(g.astype(jnp.float32) * scale, g.dtype)                 # grads.mul_(coef)
-      m32, v32 = m.astype(jnp.float32), v.astype(jnp.float32)
-      m_new = _rnd(m32 + (1.0 - b1) * (g - m32), sdt)                 # lerp
-      v_new = _rnd(_rnd(v32 * b2, sdt) + (1.0 - b2) * g * g, sdt)       # mul_, addcmul_
-      denom = _rnd(_rnd(_rnd(jnp.sqrt(v_new), sdt) / bc2_sqrt, sdt) + eps, sdt)
-      step = (lr / bc1) * m_new / denom
-      p32 = p.astype(jnp.float32)
-      decayed = _rnd(p32 * (1.0 - lr * weight_decay), pdt)
-      u = _rnd(decayed - step, pdt) - p32   # exact: p + u == the torch-rounded parameter
-      return u, m_new.astype(sdt), v_new.astype(sdt)
+    def second(g, v):
+      g = g.astype(jnp.float32)
+      return (_rnd(v.astype(jnp.float32) * b2, v.dtype) + (1.0 - b2) * g * g).astype(v.dtype)
 
-    treedef = jax.tree.structure(g_tree)
-    flat = [treedef.flatten_up_to(x) for x in (g_tree, p_tree, state.mu, state.nu)]
-    out = [leaf(*xs) for xs in zip(*flat)]
-    u_p, mu, nu = (treedef.unflatten([o[i] for o in out]) for i in range(3))
+    def direction(m, v):
+      root = _rnd(_rnd(jnp.sqrt(v.astype(jnp.float32)), v.dtype) / bc2_sqrt, v.dtype)
+      return m.astype(jnp.float32) / bc1 / _rnd(root + eps, v.dtype)
 
-    # dual: Adam on the dual loss (gradient −c), then project onto λ ≥ 0.
-    lbc1 = _one_minus_pow(lambda_b1, t)
-    lbc2_sqrt = jnp.sqrt(_one_minus_pow(lambda_b2, t))
-    u_l, lmu, lnu = {}, {}, {}
-    for key, g in grads["lambdas"].items():
-      g = jnp.asarray(g, jnp.float32)
-      lam = jnp.asarray(params["lambdas"][key], jnp.float32)
-      lmu[key] = state.lambda_mu[key] + (1.0 - lambda_b1) * (g - state.lambda_mu[key])
-      lnu[key] = lambda_b2 * state.lambda_nu[key] + (1.0 - lambda_b2) * g * g
-      denom = jnp.sqrt(lnu[key]) / lbc2_sqrt + lambda_eps
-      new = jnp.maximum(lam - (lambda_lr / lbc1) * lmu[key] / denom, 0.0)
-      u_l[key] = new - lam   # λ + u_l ≥ 0 exactly (and == 0 when projected)
-
-    new_state = PrimalDualState(count=k + 1, mu=mu, nu=nu, lambda_mu=lmu, lambda_nu=lnu,
-                                grad_norm=gnorm)
-    return {"params": u_p, "lambdas": u_l}, new_state
+    mu = jax.tree.map(first, updates, state.mu)
+    nu = jax.tree.map(second, updates, state.nu)
+    return jax.tree.map(direction, mu, nu), TorchAdamState(count, mu, nu)
 
   return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(cfg, moment_dtype=None) -> optax.GradientTransformation:
-  """The chain of spec §11 from `cfg.training` (lr schedule of `lr_schedule(cfg)`)."""
+class TorchClipState(NamedTuple):
+  grad_norm: jax.Array  # global L2 norm of the last gradient, before clipping
+
+
+def torch_clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """torch's `clip_grad_norm_`: g·min(1, max_norm / (‖g‖ + 1e-6)), keeping ‖g‖ as `grad_norm`.
+
+  Torch works in the gradients' dtype: it rounds the per-tensor norms, the total, ‖g‖ + 1e-6,
+  the coefficient and the clipped gradient to it (`optax.clip_by_global_norm` does not).
+  """
+  def update(updates, state, params=None):
+    del state, params
+    leaves = jax.tree.leaves(updates)
+    dt = jnp.result_type(*leaves)
+    norms = [_rnd(jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)))), x.dtype) for x in leaves]
+    total = _rnd(jnp.sqrt(sum(jnp.square(n) for n in norms)), dt)
+    coef = jnp.minimum(_rnd(max_norm / _rnd(total + 1e-6, dt), dt), 1.0)
+    clipped = jax.tree.map(lambda g: (g.astype(jnp.float32) * coef).astype(g.dtype), updates)
+    return clipped, TorchClipState(total)
+
+  return optax.GradientTransformation(lambda _: TorchClipState(jnp.zeros((), jnp.float32)),
+                                      update)
+
+
+def torch_adamw_step(learning_rate, weight_decay: float) -> optax.GradientTransformation:
+  """torch AdamW's parameter update from Adam's direction d, as an update of p.
+
+  p ← p·(1 − lr·wd), then p ← p − lr·d, each rounded to p's dtype as torch's `mul_` and
+  `addcdiv_` round; returns the float32 difference to that parameter. `learning_rate(k)`:
+  the lr after k updates.
+  """
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("torch_adamw_step needs the params (weight decay, rounding)")
+    lr = jnp.asarray(learning_rate(state.count), jnp.float32)
+
+    def leaf(d, p):
+      p32 = p.astype(jnp.float32)
+      decayed = _rnd(p32 * (1.0 - lr * weight_decay), p.dtype)
+      return _rnd(decayed - lr * d, p.dtype) - p32  # exact: p + u is the rounded parameter
+
+    return (jax.tree.map(leaf, updates, params),
+            optax.ScaleByScheduleState(optax.safe_increment(state.count)))
+
+  return optax.GradientTransformation(
+      lambda _: optax.ScaleByScheduleState(jnp.zeros((), jnp.int32)), update)
+
+
+def skip_invalid(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner` on the gradients of `DualGrad` leaves, or no step at all (zero update, state
+  unchanged) when one of them is not valid."""
+  is_dual = lambda x: isinstance(x, DualGrad)
+
+  def update(updates, state, params=None):
+    valid = jnp.all(jnp.stack([g.valid for g in jax.tree.leaves(updates, is_leaf=is_dual)]))
+    grads = jax.tree.map(lambda g: g.grad, updates, is_leaf=is_dual)
+    new_updates, new_state = inner.update(grads, state, params)
+    return (jax.tree.map(lambda u: jnp.where(valid, u, 0.0), new_updates),
+            jax.tree.map(lambda new, old: jnp.where(valid, new, old), new_state, state))
+
+  return optax.GradientTransformation(inner.init, update)
+
+
+# --------------------------------------------------------------------------- the optimizer
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+  """The primal-dual optimizer of `cfg.training`: `params` and each λ_k in their own chain."""
   t = cfg.training
-  return primal_dual(lr_schedule(cfg), b1=float(t.adam_beta1), b2=float(t.adam_beta2),
-                     eps=float(t.adam_epsilon), weight_decay=float(t.adam_weight_decay),
-                     max_grad_norm=float(t.max_grad_norm), lambda_lr=float(t.lambda_lr),
-                     moment_dtype=moment_dtype)
+  max_norm = float(t.max_grad_norm)
+  if cfg.get("compat", "default") == "upstream":  # bf16 gradients: torch's roundings
+    clip = torch_clip_by_global_norm(max_norm)
+  else:
+    clip = optax.chain(optax.snapshot("grad_norm", optax.tree.norm),
+                       optax.clip_by_global_norm(max_norm))
+  primal = optax.chain(
+      clip,
+      scale_by_torch_adam(float(t.adam_beta1), float(t.adam_beta2), float(t.adam_epsilon)),
+      torch_adamw_step(lr_schedule(cfg), float(t.adam_weight_decay)))
+  # torch.optim.Adam's defaults, as upstream's λ optimizer
+  dual = skip_invalid(optax.chain(scale_by_torch_adam(0.9, 0.999, 1e-8),
+                                  optax.scale_by_learning_rate(float(t.lambda_lr)),
+                                  optax.keep_params_nonnegative()))
+  groups = {"params": primal, **{f"lambda_{k}": dual for k in LAMBDA_KEYS}}
+  labels = {"params": "params", "lambdas": {k: f"lambda_{k}" for k in LAMBDA_KEYS}}
+  return optax.multi_transform(groups, labels)

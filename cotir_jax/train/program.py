@@ -16,16 +16,19 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from cotir_jax import quality, sharding
+from cotir_jax import latents, quality, sharding
 from cotir_jax import sample as sampler
-from cotir_jax.train import modules
+from cotir_jax.convert import cotir as cotir_files
+from cotir_jax.models import attention
+from cotir_jax.train import ema, modules
 from cotir_jax.train import objective as obj
 from cotir_jax.train import optim
-from cotir_jax.train.step import Graphs, guidance_for, make_train_step, text_key
+from cotir_jax.train.step import Graphs, make_train_step, text_key
 
 
 def configure_compiler(cfg) -> str | None:
@@ -55,6 +58,7 @@ class Program:
   state: dict            # ShapeDtypeStructs carrying shardings
   frozen: dict
   mesh_note: str | None  # why the mesh differs from the config's, for the start-up line
+  kernels: dict          # attention kernel per part (attention.kernels_by_part), said at start-up
   compiles: dict = dataclasses.field(default_factory=dict)  # stage → traces of its step
 
   @classmethod
@@ -69,7 +73,8 @@ class Program:
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)), devices)
     rules = sharding.rules_from_config(cfg.mesh)
 
-    graphs, abstract = modules.abstract_states(cfg)
+    platform = attention.platform_of(devices[0])  # a TPU topology's when planning on a CPU
+    graphs, abstract = modules.abstract_states(cfg, platform)
     shardings = sharding.tree_shardings(abstract, mesh, rules)
     abstract = sharding.abstract_with_shardings(abstract, shardings)
     tx = optim.make_optimizer(cfg)
@@ -77,7 +82,13 @@ class Program:
     state = sharding.abstract_with_shardings(state, sharding.tree_shardings(state, mesh, rules))
     frozen = {k: v for k, v in abstract.items() if k != "params"}
     return cls(cfg=cfg, mesh=mesh, rules=rules, graphs=graphs, tx=tx, state=state,
-               frozen=frozen, mesh_note=note)
+               frozen=frozen, mesh_note=note,
+               kernels=attention.kernels_by_part(cfg, platform))
+
+  @property
+  def attention_summary(self) -> str:
+    """The attention kernels for the start-up line: one name, or one per part when they differ."""
+    return attention.describe(self.kernels)
 
   # ------------------------------------------------------------------ shardings and shapes
   @property
@@ -97,11 +108,31 @@ class Program:
             for k, v in spec.items()}
 
   # ------------------------------------------------------------------ concrete states
-  def init_state(self) -> dict:
-    """Fresh training state, created inside jit directly in its shardings (multi-host safe)."""
+  def init_state(self, init_from: str | None = None) -> dict:
+    """Fresh training state, created inside jit directly in its shardings (multi-host safe).
+
+    `init_from` (`training.init_from`): the trainable weights come from there instead of the
+    random init; the optimizer moments, λ, step, RNG and EMA start fresh as in any new run."""
     cfg, tx = self.cfg, self.tx
-    return modules.run_init(lambda: _fresh_state(cfg, tx, modules.init_params(cfg)),
-                            self.state_shardings)
+    if not init_from:
+      return modules.run_init(lambda: _fresh_state(cfg, tx, modules.init_params(cfg)),
+                              self.state_shardings)
+    return modules.run_init(lambda p: _fresh_state(cfg, tx, p), self.state_shardings,
+                            self.read_params(init_from))
+
+  def read_params(self, init_from: str):
+    """The trainable state read from `init_from` (one path, or two files joined by a comma:
+    any source `convert.cotir.read_trainable` accepts), placed in the params' shardings."""
+    paths = [p.strip() for p in init_from.split(",")]
+    flat = nnx.to_flat_state(jax.tree.map(lambda x: x, self.state["params"]))  # replaced below
+    targets = {".".join(map(str, path)): var.get_value() for path, var in flat}
+    values = cotir_files.read_trainable(paths, targets, self.cfg.model.family,
+                                        what="training.init_from")
+    for path, var in flat:
+      want = var.get_value()
+      value = np.asarray(values[".".join(map(str, path))]).astype(want.dtype)
+      var.set_value(sharding.global_array(value, want.sharding))
+    return nnx.from_flat_state(flat)
 
   def init_frozen(self) -> dict:
     """Frozen weights: random (tiny configs) or restored from `model.pretrained`."""
@@ -135,24 +166,34 @@ class Program:
     per_process = int(self.cfg.training.batch_sizes[stage]) // jax.process_count()
     return min(int(self.cfg.data.val_batch_size), per_process)
 
-  def validate(self, stage: int):
-    """The compiled `validate(params, frozen, batch) -> (images, scores)` for the stage's patch
-    size: images (hq, lq, result_gen, result_spe) in [-1, 1] and per-image PSNR / SSIM of both
-    results against HQ (what `cotir_jax.evaluate` gives for the saved PNGs), replicated on every
-    device; `batch`: the lead's first `val_rows(stage)` samples, replicated (`place_batch`)."""
-    fn = make_validate(self.cfg, self.graphs)
+  @property
+  def val_weights(self) -> str:
+    """The state entry validation samples with: the EMA of the weights when the run keeps one
+    (`training.ema_decay` > 0), else the weights."""
+    return "ema" if "ema" in self.state else "params"
 
-    def run(params, frozen, batch):
+  def validate(self, stage: int):
+    """The compiled `validate(weights, frozen, batch) -> (images, scores)` for the stage's patch
+    size (`weights`: `state[self.val_weights]`): images (hq, lq, result_gen, result_spe) in
+    [-1, 1] and per-image PSNR / SSIM of both results against HQ (what `cotir_jax.evaluate`
+    gives for the saved PNGs; named `val_ema_*` when they score the EMA weights), replicated
+    on every device; `batch`: the lead's first `val_rows(stage)` samples, replicated
+    (`place_batch`)."""
+    fn = make_validate(self.cfg, self.graphs)
+    params, weights = self.state["params"], self.state[self.val_weights]
+    prefix = "val_ema_" if self.val_weights == "ema" else "val_"
+
+    def run(weights, frozen, batch):
       with sharding.activation_sharding(self.mesh, self.rules):
-        return fn(params, frozen, batch)
+        images, scores = fn(ema.as_params(weights, params), frozen, batch)
+      return images, {prefix + k[len("val_"):]: v for k, v in scores.items()}
 
     rep = sharding.replicated(self.mesh)
     spec = modules.batch_spec(self.cfg, self.val_rows(stage),
                               int(self.cfg.training.patch_sizes[stage]))
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rep) for k, v in spec.items()}
     with jax.set_mesh(self.mesh):
-      return jax.jit(run, out_shardings=rep).lower(self.state["params"], self.frozen,
-                                                   batch).compile()
+      return jax.jit(run, out_shardings=rep).lower(weights, self.frozen, batch).compile()
 
   def place_batch(self, local: dict, stage: int | None = None) -> dict:
     """Per-process numpy rows → global arrays (this process's contiguous share of the batch).
@@ -187,10 +228,13 @@ class Program:
 
 def _fresh_state(cfg, tx, params) -> dict:
   lambdas = optim.init_lambdas()
-  return {"params": params, "lambdas": lambdas,
-          "opt_state": tx.init({"params": params, "lambdas": lambdas}),
-          "step": jnp.zeros((), jnp.int32), "rng": jax.random.key(cfg.seed),
-          "nonfinite_step": jnp.full((), -1, jnp.int32)}
+  state = {"params": params, "lambdas": lambdas,
+           "opt_state": tx.init({"params": params, "lambdas": lambdas}),
+           "step": jnp.zeros((), jnp.int32), "rng": jax.random.key(cfg.seed),
+           "nonfinite_step": jnp.full((), -1, jnp.int32)}
+  if cfg.training.ema_decay:
+    state["ema"] = ema.init(params)
+  return state
 
 
 def _shardings(abstract):
@@ -208,8 +252,8 @@ def make_validate(cfg, graphs: Graphs):
     model = nnx.merge(graphs.model, params, frozen["model"])
     encoder = nnx.merge(graphs.text, frozen["text"])
     lat_lq = vae.encode(batch["lq"])
-    x_c = obj.image_tokens(lat_lq, family)
-    grid = obj.token_grid(lat_lq.shape, family)
+    x_c = latents.image_tokens(lat_lq, family)
+    grid = latents.token_grid(lat_lq.shape, family)
     b = x_c.shape[0]
     results = []
     for which in ("gen", "spe"):
@@ -218,14 +262,16 @@ def make_validate(cfg, graphs: Graphs):
       vec = None
       if graphs.clip is not None:
         vec = nnx.merge(graphs.clip, frozen["clip"])(batch[f"{which}_clip_ids"])
-      ids_tgt, ids_cnd, txt_ids = obj.position_ids(b, grid, txt.shape[1], family)
-      g = guidance_for(cfg, b)
+      ids_tgt, ids_cnd, txt_ids = latents.position_ids(b, grid, txt.shape[1], family)
       tokens = sampler.euler_sample(
-          lambda img, img_ids, t, t_ids, ts, v, _g: model(img, img_ids, t, t_ids, ts, vec=v,
-                                                          guidance=g)[0],
+          lambda img, img_ids, t, t_ids, ts, v, g: model(img, img_ids, t, t_ids, ts, vec=v,
+                                                         guidance=g)[0],
           x_c, ids_tgt, ids_cnd, txt, txt_ids, num_steps=cfg.training.num_steps, family=family,
-          key=jax.random.key(42), vec=vec, guidance=None if g is None else cfg.training.guidance)
-      results.append(vae.decode(obj.tokens_to_latents(tokens, grid, family)))
+          key=jax.random.key(42), vec=vec,
+          guidance=cfg.training.guidance if cfg.model.guidance_embed else None,
+          dtype=latents.input_dtype(cfg.compat),
+          state_dtype=latents.latent_dtype(family, cfg.compat))
+      results.append(vae.decode(latents.tokens_to_latents(tokens, grid, family)))
     ref = quality.quantize(batch["hq"])  # the 8-bit PNG values, in [0, 1]
     scores = {}
     for which, res in zip(("gen", "spe"), results):

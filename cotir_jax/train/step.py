@@ -1,9 +1,9 @@
 """The training step as one pure function (design decisions 1, 5): frozen encoders on device →
 flow-matching CoTIR losses → one primal-dual optax update.
 
-The state is `{"params", "lambdas", "opt_state", "step", "rng", "nonfinite_step"}`; `params` is
-the trainable `nnx.State` (LoRA + adapter), frozen weights travel separately and get no
-gradient. Every random draw of a sample (prompt choice, t, noise) comes from its own key,
+The state is `{"params", "lambdas", "opt_state", "step", "rng", "nonfinite_step"}` (plus
+`"ema"` with `training.ema_decay` > 0, see `ema.py`); `params` is the trainable `nnx.State`
+(LoRA + adapter), frozen weights travel separately and get no gradient. Every random draw of a sample (prompt choice, t, noise) comes from its own key,
 `split(fold_in(rng, step), global_batch)[row]`: a resumed run draws exactly what an
 uninterrupted one does, and the draws do not depend on how the batch is split over processes
 or into micro-batches.
@@ -12,6 +12,11 @@ Gradient accumulation (`training.gradient_accumulation_steps = k`) splits the gl
 k equal micro-batches inside the one compiled step (a `lax.scan`; micro-batch j holds rows
 j, j + k, …, so each device keeps its own rows), averages gradients, losses and constraint
 values, and applies one primal and one dual update.
+
+A sample without one of the CoT answers (`answer_mask`, e.g. paired data without scene
+descriptions) is left out of that text loss and its constraint; a term that no sample of the
+global batch has gets no dual step. Each micro-batch divides its masked sums by the global
+batch's counts, so accumulation computes what the whole batch does.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from cotir_jax import sharding
+from cotir_jax import latents, sharding
+from cotir_jax.data.decode import ANSWER_MASK
+from cotir_jax.train import ema
 from cotir_jax.train import objective as obj
 from cotir_jax.train import optim
 
@@ -70,7 +77,7 @@ def prepare(cfg, graphs: Graphs, frozen: dict, batch: dict, use_gen: jax.Array) 
     lat = vae.encode(pairs.reshape(-1, *pairs.shape[2:]))
     lat = lat.reshape(pairs.shape[0], 2, *lat.shape[1:])
     lat_hq, lat_lq = lat[:, 0], lat[:, 1]
-  x_1, x_c = obj.image_tokens(lat_hq, family), obj.image_tokens(lat_lq, family)
+  x_1, x_c = latents.image_tokens(lat_hq, family), latents.image_tokens(lat_lq, family)
   pick = lambda gen, spe: jnp.where(use_gen.reshape(-1, *([1] * (gen.ndim - 1))), gen, spe)
   name = text_key(family)
   ids = jnp.concatenate([pick(batch[f"gen_{name}_ids"], batch[f"spe_{name}_ids"])]
@@ -91,7 +98,7 @@ def prepare(cfg, graphs: Graphs, frozen: dict, batch: dict, use_gen: jax.Array) 
       vec = clip(pick(batch["gen_clip_ids"], batch["spe_clip_ids"]))
   x_1, x_c, txt, s, d, pl, vec = jax.lax.stop_gradient(
       obj.cast_inputs((x_1, x_c, txt, s, d, pl, vec), compat))
-  return Prepared(x_1=x_1, x_c=x_c, grid=obj.token_grid(lat_hq.shape, family), txt=txt,
+  return Prepared(x_1=x_1, x_c=x_c, grid=latents.token_grid(lat_hq.shape, family), txt=txt,
                   targets={"s": s, "d": d, "p": pl}, vec=vec)
 
 
@@ -133,15 +140,17 @@ def make_train_step(cfg, graphs: Graphs, tx: optax.GradientTransformation, prepa
   deltas = obj.deltas_from_config(cfg)
   lr_logged = optim.lr_unfloored(cfg)
   k = int(cfg.training.gradient_accumulation_steps)
+  ema_decay = float(cfg.training.ema_decay)
 
-  def grads_and_aux(params, frozen, batch, keys, p_gen, lambdas):
-    """Gradient and loss terms of one (micro-)batch whose rows draw from `keys`."""
+  def grads_and_aux(params, frozen, batch, keys, p_gen, lambdas, norms):
+    """Gradient and loss terms of one (micro-)batch whose rows draw from `keys`; `norms` [3]:
+    the whole batch's count of samples with each answer, per micro-batch."""
     k_prompt, k_fm = _split_rows(keys)
     use_gen = jax.vmap(jax.random.uniform)(k_prompt) < p_gen
     inp = prepare_inputs(cfg, graphs, frozen, batch, use_gen)
     b = inp.x_1.shape[0]
     x_t, x_0, t = obj.flow_matching_inputs(k_fm, inp.x_1, compat)
-    ids_tgt, ids_cnd, txt_ids = obj.position_ids(b, inp.grid, inp.txt.shape[1], family)
+    ids_tgt, ids_cnd, txt_ids = latents.position_ids(b, inp.grid, inp.txt.shape[1], family)
     img, img_ids, txt, txt_ids, t_in = obj.model_inputs(x_t, inp.x_c, ids_tgt, ids_cnd, inp.txt,
                                                         txt_ids, t, compat)
     guidance = guidance_for(cfg, b)
@@ -150,7 +159,8 @@ def make_train_step(cfg, graphs: Graphs, tx: optax.GradientTransformation, prepa
       model = nnx.merge(graphs.model, params, frozen["model"])
       v, s, d, p = model(img, img_ids, txt, txt_ids, t_in, vec=inp.vec, guidance=guidance)
       with jax.named_scope("loss"):
-        return obj.losses(v, {"s": s, "d": d, "p": p}, x_0, inp.x_1, inp.targets, lambdas, deltas)
+        return obj.losses(v, {"s": s, "d": d, "p": p}, x_0, inp.x_1, inp.targets, lambdas, deltas,
+                          batch[ANSWER_MASK], norms)
 
     (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return grads, aux
@@ -160,16 +170,20 @@ def make_train_step(cfg, graphs: Graphs, tx: optax.GradientTransformation, prepa
     rows = jax.tree.leaves(batch)[0].shape[0]
     keys = jax.random.split(jax.random.fold_in(state["rng"], step), rows)
     p_gen = optim.use_gen_prob(cfg, step)
+    # samples of the global batch with a scene / degradation / plan answer: the text losses
+    # are means over these, so micro-batches share the batch's counts (sums, not means, add up)
+    counts = jnp.sum(batch[ANSWER_MASK].astype(jnp.float32), axis=0)
     if k == 1:
-      grads, aux = grads_and_aux(params, frozen, batch, keys, p_gen, state["lambdas"])
+      grads, aux = grads_and_aux(params, frozen, batch, keys, p_gen, state["lambdas"], counts)
     else:
       def body(acc, micro):
-        g, a = grads_and_aux(params, frozen, *micro, p_gen, state["lambdas"])
+        g, a = grads_and_aux(params, frozen, *micro, p_gen, state["lambdas"], counts / k)
         f32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
         return jax.tree.map(jnp.add, acc, (f32(g), f32(a))), None
       micro = split_micro((batch, keys), k)
       first = jax.tree.map(lambda x: x[0], micro)
-      shapes = jax.eval_shape(grads_and_aux, params, frozen, *first, p_gen, state["lambdas"])
+      shapes = jax.eval_shape(grads_and_aux, params, frozen, *first, p_gen, state["lambdas"],
+                              counts)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
       (g_sum, a_sum), _ = jax.lax.scan(body, zeros, micro)
       grads = jax.tree.map(lambda s, p: (s / k).astype(p.dtype), g_sum, params)
@@ -177,15 +191,20 @@ def make_train_step(cfg, graphs: Graphs, tx: optax.GradientTransformation, prepa
 
     with jax.named_scope("optimizer"):
       current = {"params": params, "lambdas": state["lambdas"]}
-      updates, opt_state = tx.update(optim.join_grads(grads, aux["c"]), state["opt_state"],
-                                     current)
+      valid = {n: counts[i] > 0 for i, n in enumerate(obj.TEXT_KEYS)}
+      updates, opt_state = tx.update(optim.join_grads(grads, aux["c"], valid),
+                                     state["opt_state"], current)
       new = optax.apply_updates(current, updates)
     metrics = {"loss": aux["loss"], "img_loss": aux["img_loss"],
                **{f"txt_{n}_loss": aux[f"txt_{n}_loss"] for n in "sdp"},
                **{f"c_{n}": aux["c"][n] for n in "sdp"},
                **{f"lambda_{n}": new["lambdas"][n] for n in "sdp"},
-               "lr": lr_logged(step), "use_gen_prob": p_gen, "grad_norm": opt_state.grad_norm}
+               **{f"answers_{n}": counts[i] for i, n in enumerate(obj.TEXT_KEYS)},
+               "lr": lr_logged(step), "use_gen_prob": p_gen,
+               "grad_norm": optim.grad_norm(opt_state)}
     state = {**state, **new, "opt_state": opt_state, "step": step + 1}
+    if ema_decay:
+      state["ema"] = ema.update(state["ema"], new["params"], ema_decay, step)
     return state, metrics
 
   return guard_nonfinite(train_step)

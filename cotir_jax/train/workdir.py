@@ -48,6 +48,8 @@ import time
 import jax
 import numpy as np
 
+from cotir_jax.cli import UserError
+
 LOCK_NAME = "train.lock"
 # An unreadable lock file this old was left by a process killed between creating and writing it.
 _UNREADABLE_STALE_S = 10.0
@@ -55,7 +57,7 @@ _UNREADABLE_STALE_S = 10.0
 log = logging.getLogger("cotir_jax.train")
 
 
-class WorkdirError(RuntimeError):
+class WorkdirError(UserError, RuntimeError):
   """The workdir cannot be used as asked; the message is one line meant for the user."""
 
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 from flax import nnx
 
+from cotir_jax.models.attention import AttentionSpec
 from cotir_jax.models.text.clip import CLIPTextConfig, CLIPTextEncoder, clip_config
 from cotir_jax.models.text.qwen3 import Qwen3Config, Qwen3Embedder, qwen3_config
 from cotir_jax.models.text.t5 import T5Config, T5Encoder, t5_config
@@ -28,8 +29,8 @@ def text_config(cfg) -> TextConfig:
   """Our config dataclass from a dataclass or a mapping with `model_type` and field values."""
   if isinstance(cfg, tuple(MODULES)):
     return cfg
-  if not isinstance(cfg, Mapping) and hasattr(cfg, "to_dict"):
-    cfg = cfg.to_dict()
+  if not isinstance(cfg, Mapping) and hasattr(cfg, "items"):  # an ml_collections ConfigDict
+    cfg = dict(cfg.items())
   if not isinstance(cfg, Mapping):
     raise TypeError(f"text encoder config must be a config dataclass or a mapping, got {type(cfg)}")
   model_type = cfg.get("model_type")
@@ -45,8 +46,10 @@ def text_config(cfg) -> TextConfig:
 
 
 def build_text_encoder(cfg, *, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                       rngs: nnx.Rngs, implementation: str = "xla", scan: bool = True):
-  """The Qwen3 embedder, T5 encoder or CLIP text encoder for `cfg` (random init)."""
+                       rngs: nnx.Rngs, implementation: AttentionSpec | str = "xla",
+                       scan: bool = True):
+  """The Qwen3 embedder, T5 encoder or CLIP text encoder for `cfg` (random init);
+  `implementation`: its attention kernel (`model.attention`, see models/attention.py)."""
   cfg = text_config(cfg)
   return MODULES[type(cfg)](cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                             implementation=implementation, scan=scan)

@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cotir_jax.models import attention
 from cotir_jax.models.layers import TOKENS, Dense, scan_blocks, stack_blocks
-from cotir_jax.models.text.common import (Embed, LayerNorm, activation, attend, causal_mask,
-                                          combine_masks, inv_sqrt, padding_mask)
+from cotir_jax.models.text.common import Embed, LayerNorm, activation, key_lengths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,23 +65,22 @@ def clip_config(size: str = "l") -> CLIPTextConfig:
 
 
 class CLIPAttention(nnx.Module):
-  def __init__(self, cfg: CLIPTextConfig, *, dtype, param_dtype, rngs, implementation="xla"):
+  def __init__(self, cfg: CLIPTextConfig, *, dtype, param_dtype, rngs, implementation):
     d = cfg.hidden_size
     self.heads, self.head_dim = cfg.num_attention_heads, d // cfg.num_attention_heads
-    self.dtype, self.implementation = dtype, implementation
+    self.implementation = implementation
     kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.q_proj = Dense(d, d, axes=("embed", "heads"), **kw)
     self.k_proj = Dense(d, d, axes=("embed", "heads"), **kw)
     self.v_proj = Dense(d, d, axes=("embed", "heads"), **kw)
     self.out_proj = Dense(d, d, axes=("heads", "embed"), **kw)
 
-  def __call__(self, x, mask):
+  def __call__(self, x, lengths):
     b, l, _ = x.shape
     q, k, v = (p(x).reshape(b, l, self.heads, self.head_dim)
                for p in (self.q_proj, self.k_proj, self.v_proj))
-    a = attend(q, k, v, scale=inv_sqrt(self.head_dim), mask=mask, dtype=self.dtype,
-               implementation=self.implementation)
-    return self.out_proj(a)
+    a = attention.attend(q, k, v, self.implementation, causal=True, kv_lengths=lengths)
+    return self.out_proj(a.reshape(b, l, -1))
 
 
 class CLIPMLP(nnx.Module):
@@ -96,7 +95,7 @@ class CLIPMLP(nnx.Module):
 
 
 class CLIPEncoderLayer(nnx.Module):
-  def __init__(self, cfg: CLIPTextConfig, *, dtype, param_dtype, rngs, implementation="xla"):
+  def __init__(self, cfg: CLIPTextConfig, *, dtype, param_dtype, rngs, implementation):
     kw = dict(eps=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype)
     self.layer_norm1 = LayerNorm(cfg.hidden_size, **kw)
     self.self_attn = CLIPAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
@@ -104,8 +103,8 @@ class CLIPEncoderLayer(nnx.Module):
     self.layer_norm2 = LayerNorm(cfg.hidden_size, **kw)
     self.mlp = CLIPMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x, mask):
-    x = x + self.self_attn(self.layer_norm1(x), mask)
+  def __call__(self, x, lengths):
+    x = x + self.self_attn(self.layer_norm1(x), lengths)
     return x + self.mlp(self.layer_norm2(x))
 
 
@@ -113,7 +112,8 @@ class CLIPTextEncoder(nnx.Module):
   """`CLIPTextModel`: ids [B, L ≤ max_pos] → pooled [B, d] (and last_hidden_state [B, L, d])."""
 
   def __init__(self, cfg: CLIPTextConfig, *, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-               rngs: nnx.Rngs, implementation: str = "xla", scan: bool = True):
+               rngs: nnx.Rngs, implementation: attention.AttentionSpec | str = "xla",
+               scan: bool = True):
     self.cfg, self.dtype, self.scan = cfg, dtype, scan
     d = cfg.hidden_size
     self.token_embedding = Embed(cfg.vocab_size, d, axes=("vocab", "embed"), dtype=dtype,
@@ -140,8 +140,8 @@ class CLIPTextEncoder(nnx.Module):
                        f"{self.cfg.max_position_embeddings}")
     pos = self.position_embedding.embedding[...][:l].astype(self.dtype)
     x = self.token_embedding(ids) + pos[None]
-    attn_mask = combine_masks(causal_mask(l), padding_mask(mask))
-    x = scan_blocks(self.layers, x, lambda layer, h: layer(h, attn_mask), scan=self.scan,
+    lengths = key_lengths(mask)
+    x = scan_blocks(self.layers, x, lambda layer, h: layer(h, lengths), scan=self.scan,
                     axes=TOKENS)
     x = self.final_layer_norm(x)
     pooled = jnp.take_along_axis(x, self.pool_positions(ids)[:, None, None], axis=1)[:, 0]

@@ -8,15 +8,11 @@ accumulation, norms and softmax in float32, parameters with logical axis names
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cotir_jax.models.layers import param
-
-_NEG = float(jnp.finfo(jnp.float32).min)
+from cotir_jax.models.layers import gelu_tanh, param
 
 
 class Embed(nnx.Module):
@@ -49,14 +45,10 @@ class LayerNorm(nnx.Module):
     return y.astype(self.dtype)
 
 
-def gelu_tanh(x):  # transformers' gelu_new / gelu_pytorch_tanh
-  return jax.nn.gelu(x, approximate=True)
-
-
 ACTIVATIONS = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
-    "gelu_new": gelu_tanh,
+    "gelu_new": gelu_tanh,            # transformers' names of the tanh approximation
     "gelu_pytorch_tanh": gelu_tanh,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -71,56 +63,7 @@ def activation(name: str):
   return ACTIVATIONS[name]
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, dtype,
-           bias: jax.Array | None = None, mask: jax.Array | None = None,
-           implementation: str = "xla") -> jax.Array:
-  """Softmax attention over q [B, L, H, D], k/v [B, S, K, D] (K divides H: grouped queries).
-
-  `bias` [1|B, H, L, S] is added to the scaled logits (T5's relative positions); `mask`
-  [B|1, 1, L, S] (bool, True = attend) removes keys. Logits and softmax are float32, the
-  probabilities are cast to the compute dtype before the value matmul (as transformers does).
-  `implementation`: "xla" is the einsum path here; anything else goes to
-  `jax.nn.dot_product_attention` (None: its XLA path, "cudnn": the fused GPU kernel).
-  Returns [B, L, H·D] in `dtype`.
-  """
-  b, l, h, d = q.shape
-  kv = k.shape[2]
-  if implementation != "xla":
-    out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
-                                       bias=bias, mask=mask, scale=scale,
-                                       implementation=implementation)
-    return out.reshape(b, l, h * d).astype(dtype)
-  qg = q.astype(dtype).reshape(b, l, kv, h // kv, d)
-  logits = jnp.einsum("blkgd,bskd->bkgls", qg, k.astype(dtype),
-                      preferred_element_type=jnp.float32) * scale
-  if bias is not None:
-    logits = logits + bias.astype(jnp.float32).reshape(bias.shape[0], kv, h // kv, l, -1)
-  if mask is not None:
-    logits = jnp.where(mask[:, :, None], logits, _NEG)
-  probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-  out = jnp.einsum("bkgls,bskd->blkgd", probs, v.astype(dtype), preferred_element_type=jnp.float32)
-  return out.reshape(b, l, h * d).astype(dtype)
-
-
-def causal_mask(length: int) -> jax.Array:
-  """[1, 1, L, L] lower-triangular boolean mask (query i sees keys ≤ i)."""
-  return jnp.tril(jnp.ones((length, length), jnp.bool_))[None, None]
-
-
-def padding_mask(mask: jax.Array | None) -> jax.Array | None:
-  """[B, S] 0/1 attention mask → [B, 1, 1, S] boolean key mask (None stays None)."""
-  if mask is None:
-    return None
-  return (mask != 0)[:, None, None, :]
-
-
-def combine_masks(*masks):
-  out = None
-  for m in masks:
-    if m is not None:
-      out = m if out is None else jnp.logical_and(out, m)
-  return out
-
-
-def inv_sqrt(d: int) -> float:
-  return 1.0 / math.sqrt(d)
+def key_lengths(mask: jax.Array | None) -> jax.Array | None:
+  """[B, S] 0/1 attention mask of right-padded tokens → [B] lengths, what the attention kernels
+  take (`attention.attend`'s `kv_lengths`); None stays None."""
+  return None if mask is None else jnp.sum(mask != 0, axis=-1, dtype=jnp.int32)

@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cotir_jax.models import attention
 from cotir_jax.models.layers import TOKENS, Dense, RMSNorm, scan_blocks, stack_blocks
-from cotir_jax.models.text.common import (Embed, activation, attend, causal_mask, combine_masks,
-                                          inv_sqrt, padding_mask)
+from cotir_jax.models.text.common import Embed, activation, key_lengths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,10 +116,10 @@ def _apply_rope(x, cos, sin):
 
 
 class Qwen3Attention(nnx.Module):
-  def __init__(self, cfg: Qwen3Config, *, dtype, param_dtype, rngs, implementation="xla"):
+  def __init__(self, cfg: Qwen3Config, *, dtype, param_dtype, rngs, implementation):
     d, hd = cfg.hidden_size, cfg.head_dim
     self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
-    self.dtype, self.implementation = dtype, implementation
+    self.implementation = implementation
     kw = dict(use_bias=cfg.attention_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.q_proj = Dense(d, self.heads * hd, axes=("embed", "heads"), **kw)
     self.k_proj = Dense(d, self.kv_heads * hd, axes=("embed", "kv"), **kw)
@@ -128,15 +128,14 @@ class Qwen3Attention(nnx.Module):
     self.q_norm = RMSNorm(hd, param_dtype=param_dtype, eps=cfg.rms_norm_eps)
     self.k_norm = RMSNorm(hd, param_dtype=param_dtype, eps=cfg.rms_norm_eps)
 
-  def __call__(self, x, cos, sin, mask):
+  def __call__(self, x, cos, sin, lengths):
     b, l, _ = x.shape
     q = self.q_norm(self.q_proj(x).reshape(b, l, self.heads, self.head_dim))
     k = self.k_norm(self.k_proj(x).reshape(b, l, self.kv_heads, self.head_dim))
     v = self.v_proj(x).reshape(b, l, self.kv_heads, self.head_dim)
     q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-    a = attend(q, k, v, scale=inv_sqrt(self.head_dim), mask=mask, dtype=self.dtype,
-               implementation=self.implementation)
-    return self.o_proj(a)
+    a = attention.attend(q, k, v, self.implementation, causal=True, kv_lengths=lengths)
+    return self.o_proj(a.reshape(b, l, -1))
 
 
 class Qwen3MLP(nnx.Module):
@@ -153,7 +152,7 @@ class Qwen3MLP(nnx.Module):
 
 
 class Qwen3DecoderLayer(nnx.Module):
-  def __init__(self, cfg: Qwen3Config, *, dtype, param_dtype, rngs, implementation="xla"):
+  def __init__(self, cfg: Qwen3Config, *, dtype, param_dtype, rngs, implementation):
     self.input_layernorm = RMSNorm(cfg.hidden_size, param_dtype=param_dtype, eps=cfg.rms_norm_eps)
     self.self_attn = Qwen3Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                                     implementation=implementation)
@@ -161,8 +160,8 @@ class Qwen3DecoderLayer(nnx.Module):
                                             eps=cfg.rms_norm_eps)
     self.mlp = Qwen3MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x, cos, sin, mask):
-    x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+  def __call__(self, x, cos, sin, lengths):
+    x = x + self.self_attn(self.input_layernorm(x), cos, sin, lengths)
     return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -170,7 +169,8 @@ class Qwen3Embedder(nnx.Module):
   """`Qwen3Model` truncated to the deepest wanted hidden state; returns [B, L, n·d] features."""
 
   def __init__(self, cfg: Qwen3Config, *, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-               rngs: nnx.Rngs, implementation: str = "xla", scan: bool = True):
+               rngs: nnx.Rngs, implementation: attention.AttentionSpec | str = "xla",
+               scan: bool = True):
     self.cfg, self.dtype, self.scan = cfg, dtype, scan
     self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"),
                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -192,13 +192,13 @@ class Qwen3Embedder(nnx.Module):
 
     h = self.embed_tokens(ids)
     cos, sin = _rope_cos_sin(l, cfg.head_dim, cfg.rope_theta)
-    attn_mask = combine_masks(causal_mask(l), padding_mask(mask))
+    lengths = key_lengths(mask)
     buf = jnp.zeros((n_slots + 1, b, l, cfg.hidden_size), self.dtype)
     buf = jax.lax.dynamic_update_index_in_dim(buf, h, slot_of[0], 0)
 
     def body(layer, carry):
       x, buf, i = carry
-      x = layer(x, cos, sin, attn_mask)
+      x = layer(x, cos, sin, lengths)
       buf = jax.lax.dynamic_update_index_in_dim(buf, x, slot_of[i + 1], 0)
       return x, buf, i + 1
 

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cotir_jax.models import attention
 from cotir_jax.models.layers import TOKENS, Dense, RMSNorm, param, scan_blocks, stack_blocks
-from cotir_jax.models.text.common import Embed, activation, attend, padding_mask
+from cotir_jax.models.text.common import Embed, activation, key_lengths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,22 +85,20 @@ def relative_position_buckets(q_len: int, k_len: int, num_buckets: int,
 
 
 class T5Attention(nnx.Module):
-  def __init__(self, cfg: T5Config, *, dtype, param_dtype, rngs, implementation="xla"):
+  def __init__(self, cfg: T5Config, *, dtype, param_dtype, rngs, implementation):
     inner = cfg.num_heads * cfg.d_kv
     kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.heads, self.d_kv, self.dtype, self.implementation = (cfg.num_heads, cfg.d_kv, dtype,
-                                                              implementation)
+    self.heads, self.d_kv, self.implementation = cfg.num_heads, cfg.d_kv, implementation
     self.q = Dense(cfg.d_model, inner, axes=("embed", "heads"), **kw)
     self.k = Dense(cfg.d_model, inner, axes=("embed", "heads"), **kw)
     self.v = Dense(cfg.d_model, inner, axes=("embed", "heads"), **kw)
     self.o = Dense(inner, cfg.d_model, axes=("heads", "embed"), **kw)
 
-  def __call__(self, x, bias, mask):
+  def __call__(self, x, bias, lengths):
     b, l, _ = x.shape
     q, k, v = (p(x).reshape(b, l, self.heads, self.d_kv) for p in (self.q, self.k, self.v))
-    a = attend(q, k, v, scale=1.0, bias=bias, mask=mask, dtype=self.dtype,
-               implementation=self.implementation)
-    return self.o(a)
+    a = attention.attend(q, k, v, self.implementation, scale=1.0, bias=bias, kv_lengths=lengths)
+    return self.o(a.reshape(b, l, -1))
 
 
 class T5FeedForward(nnx.Module):
@@ -115,7 +114,7 @@ class T5FeedForward(nnx.Module):
 
 
 class T5Block(nnx.Module):
-  def __init__(self, cfg: T5Config, *, dtype, param_dtype, rngs, implementation="xla"):
+  def __init__(self, cfg: T5Config, *, dtype, param_dtype, rngs, implementation):
     eps = cfg.layer_norm_epsilon
     self.attn_norm = RMSNorm(cfg.d_model, param_dtype=param_dtype, eps=eps)
     self.attn = T5Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
@@ -123,8 +122,8 @@ class T5Block(nnx.Module):
     self.ff_norm = RMSNorm(cfg.d_model, param_dtype=param_dtype, eps=eps)
     self.ff = T5FeedForward(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x, bias, mask):
-    x = x + self.attn(self.attn_norm(x), bias, mask)
+  def __call__(self, x, bias, lengths):
+    x = x + self.attn(self.attn_norm(x), bias, lengths)
     return x + self.ff(self.ff_norm(x))
 
 
@@ -132,7 +131,8 @@ class T5Encoder(nnx.Module):
   """`T5EncoderModel`: ids [B, L] (mask optional) → last_hidden_state [B, L, d_model]."""
 
   def __init__(self, cfg: T5Config, *, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-               rngs: nnx.Rngs, implementation: str = "xla", scan: bool = True):
+               rngs: nnx.Rngs, implementation: attention.AttentionSpec | str = "xla",
+               scan: bool = True):
     self.cfg, self.dtype, self.scan = cfg, dtype, scan
     self.shared = Embed(cfg.vocab_size, cfg.d_model, axes=("vocab", "embed"), dtype=dtype,
                         param_dtype=param_dtype, rngs=rngs, std=1.0)
@@ -158,7 +158,7 @@ class T5Encoder(nnx.Module):
   def __call__(self, ids: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     x = self.shared(ids)
     bias = self.position_bias(ids.shape[1])
-    key_mask = padding_mask(mask)
-    x = scan_blocks(self.blocks, x, lambda blk, h: blk(h, bias, key_mask), scan=self.scan,
+    lengths = key_lengths(mask)
+    x = scan_blocks(self.blocks, x, lambda blk, h: blk(h, bias, lengths), scan=self.scan,
                     axes=TOKENS)
     return self.final_layer_norm(x)
