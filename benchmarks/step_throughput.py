@@ -237,11 +237,12 @@ def build_torch(cfg, frozen_model, params, device, dtype):
   from cotir_jax.convert.core import export_params, flat_params
   from cotir_jax.convert.cotir import export_cotir_params
   from cotir_jax.convert.flux import transformer_rules
+  from cotir_jax.models import ModelSpec
   m = cfg.model
   with torch.device("meta"):
     model = TorchCoTIR(cfg)
   shapes = {k: tuple(v.shape) for k, v in model.backbone.state_dict().items()}
-  rules = transformer_rules(m.family, guidance_embed=bool(m.guidance_embed), prefix="backbone.")
+  rules = transformer_rules(ModelSpec.from_config(m), prefix="backbone.")
   base = export_params(rules, flat_params(frozen_model), shapes)
   to_torch = lambda d, dt: {k: torch.from_numpy(np.asarray(v, np.float32)).to(device, dt)
                             for k, v in d.items()}

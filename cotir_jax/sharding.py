@@ -39,14 +39,14 @@ DEFAULT_RULES: dict[str, Rule] = {
     # parameters
     "embed": "fsdp",
     "mlp": "tensor",
-    "heads": "tensor",
+    "heads": "tensor",  # columns / rows grouped by head (fused q, k, v [+ MLP]): whole heads
     "layers": None,
     "vocab": "tensor",
     # activations
     "batch": BATCH_AXES,
     "length": None,
     "act_embed": None,
-    "act_heads": "tensor",
+    "act_heads": "tensor",  # [.., heads, ..] and fused projections' outputs grouped by head
     "act_mlp": "tensor",
 }
 

@@ -324,6 +324,23 @@ def test_mis_shaped_key_shows_both_shapes(tmp_path, small_repo):
     convert.diffusers_to_orbax(str(small_repo), str(tmp_path / "o"), only=["transformer"])
 
 
+def test_base_from_before_head_groups_is_refused(tmp_path):
+  """A base converted when the fused projections' parts lay side by side (format /1) would be
+  misread: refused with the command that converts it again; one without a transformer reads."""
+  def manifest(modules):
+    (tmp_path / "m").mkdir(exist_ok=True)
+    with open(tmp_path / "m" / "manifest.json", "w") as f:
+      json.dump({"format": "cotir_jax.base/1", "source": "/hf/klein", "dtype": "bfloat16",
+                 "modules": {m: {} for m in modules}}, f)
+    return str(tmp_path / "m")
+  with pytest.raises(ConversionError, match=r"older cotir_jax \(cotir_jax\.base/1\).*convert the "
+                     r"base again: python convert/diffusers_to_orbax\.py --src /hf/klein --only "
+                     r"transformer vae --dtype bfloat16 --out <dir>$"):
+    read_manifest(manifest(["transformer", "vae"]))
+  assert set(read_manifest(manifest(["vae", "text_encoder"]))["modules"]) == {"vae",
+                                                                             "text_encoder"}
+
+
 def test_bad_dtype(tmp_path, small_repo):
   with pytest.raises(ConversionError, match="float16.*cannot be used"):
     convert.diffusers_to_orbax(str(small_repo), str(tmp_path / "o"), "float16", only=["transformer"])

@@ -186,8 +186,7 @@ def test_full_size_coverage_and_config(name):
   shapes = {k: tuple(v.shape) for k, v in bfl_sd.items()}
   model = nnx.eval_shape(lambda: models.CoTIR(m, rngs=nnx.Rngs(0)))
   targets = flat_params(nnx.state(model.backbone, nnx.Not(nnx.LoRAParam)))
-  check_coverage(bfl.transformer_rules(m.family, guidance_embed=m.guidance_embed), targets,
-                 shapes, source=name)
+  check_coverage(bfl.transformer_rules(model.backbone.spec), targets, shapes, source=name)
 
   spec = spec_from_diffusers(bfl.transformer_config(shapes, name))
   want = models.ModelSpec.from_config(m)

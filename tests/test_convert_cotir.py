@@ -1,6 +1,7 @@
 """Upstream CoTIR `lora.pt` / `cot_adapter.pt` ↔ our CoTIR: full-size table coverage, tiny
 import reproducing the forward, bit-exact round trips, Orbax trainable checkpoints, errors."""
 
+import json
 import os
 import subprocess
 import sys
@@ -36,8 +37,9 @@ def test_full_size_coverage(name):
   assert (count(adapter_ref), count(lora_ref)) == COUNTS[name]
   lora_t, adapter_t = C.trainable_targets(model)
   assert set(lora_t) | set(adapter_t) == set(flat_params(nnx.state(model, models.TRAINABLE)))
-  check_coverage(C.lora_rules(cfg.model.family), lora_t, lora_ref, source=f"{name} lora")
-  check_coverage(C.adapter_rules(), adapter_t, adapter_ref, source=f"{name} adapter")
+  check_coverage(C.lora_rules(model.backbone.spec), lora_t, lora_ref, source=f"{name} lora")
+  check_coverage(C.adapter_rules(model.backbone.spec), adapter_t, adapter_ref,
+                 source=f"{name} adapter")
   if cfg.model.family == "flux1":
     assert "single_blocks.37.modulation.lin.lora_B.bias" in lora_ref
     assert lora_ref["final_layer.linear.lora_A.weight"] == (64, 3072)  # r = min(96, 64)
@@ -87,8 +89,9 @@ def test_keys_land_on_the_right_arrays(name, tmp_path):
     np.testing.assert_array_equal(np.asarray(b.single_blocks.modulation.lin.lora.a[1]),
                                   _np(lora["single_blocks.1.modulation.lin.lora_A.weight"]).T)
   a = model.cot_adapter
-  np.testing.assert_array_equal(np.asarray(a.decoder.linear1.kernel[1]),
-                                _np(adapter["cot_adapter.decoder.1.linear1.weight"]).T)
+  np.testing.assert_array_equal(  # in the reference order of the fused projection's parts
+      b.spec.adapter_linear1_layout.to_parts(np.asarray(a.decoder.linear1.kernel[1]), xp=np),
+      _np(adapter["cot_adapter.decoder.1.linear1.weight"]).T)
   np.testing.assert_array_equal(np.asarray(a.decoder.norm.key_norm.scale[0]),
                                 _np(adapter["cot_adapter.decoder.0.norm.key_norm.scale"]))
   np.testing.assert_array_equal(
@@ -141,6 +144,9 @@ def test_import_reproduces_the_forward(name, tmp_path):
              "final_layer.adaLN_modulation.1": ref.backbone.final_layer.adaLN_modulation}
   if cfg.model.family == "flux1":
     targets["single_blocks.{i}.modulation.lin"] = ref.backbone.single_blocks.modulation.lin
+  spec = ref.backbone.spec  # ours: the fused projections' parts interleaved by head group
+  layouts = {"single_blocks.{i}.linear1": (spec.linear1_layout, -1),  # output columns
+             "single_blocks.{i}.linear2": (spec.linear2_layout, -2)}  # input rows
   for key, dense in targets.items():
     kernel = np.array(dense.kernel[...])
     bias = np.array(dense.bias[...]) if dense.bias is not None else None
@@ -149,6 +155,10 @@ def test_import_reproduces_the_forward(name, tmp_path):
       k = key.format(i=i)
       delta = (_np(lora[f"{k}.lora_B.weight"]) @ _np(lora[f"{k}.lora_A.weight"])).T
       db = _np(lora[f"{k}.lora_B.bias"])
+      if key in layouts:
+        layout, axis = layouts[key]
+        delta = layout.from_parts(delta, axis, np)
+        db = layout.from_parts(db, -1, np) if axis == -1 else db
       if i is None:
         kernel += delta
         bias = db if bias is None else bias + db
@@ -178,6 +188,10 @@ def test_import_reproduces_the_forward(name, tmp_path):
       if p == "weight":
         p, v = "kernel", v.T
       node = getattr(node, p)
+    if ".linear1." in k:
+      v = spec.adapter_linear1_layout.from_parts(v, -1, np)
+    elif ".linear2.weight" in k:
+      v = spec.adapter_linear2_layout.from_parts(v, -2, np)
     if i is None:
       node[...] = jnp.asarray(v)
     else:
@@ -279,6 +293,41 @@ def test_cli_round_trip_through_orbax(tmp_path):
     sd = torch.load(tmp_path / "back" / f, weights_only=True)
     assert sorted(sd) == sorted(ref)
     assert all(torch.equal(sd[k], ref[k]) for k in ref)
+
+
+def test_checkpoints_from_before_head_groups_convert_on_load(tmp_path):
+  """A training checkpoint written when the fused projections' parts lay side by side (no
+  `fused_layout` in its meta) restores in our layout, its optimizer moments too, and exports
+  the upstream files it was trained from."""
+  cfg, model = _tiny("tiny")
+  lora, adapter, paths = _upstream_files(cfg, tmp_path)
+  convert.load_cotir_weights(model, *paths)
+  ours = flat_params(nnx.state(model, models.TRAINABLE))
+  fused = {r.ours: r.transform.regroups for r in C.cotir_rules(model.backbone.spec)
+           if r.transform.regroups}
+  assert len(fused) == 6  # LoRA: linear1 b, b_bias, linear2 a; adapter: linear1 (2), linear2
+  old = dict(ours)
+  for path, regroups in fused.items():
+    for layout, axis in reversed(regroups):
+      old[path] = layout.to_parts(old[path], axis, jnp)
+  from cotir_jax.convert.orbax_io import flatten, nest
+  from cotir_jax.train.checkpoint import Checkpointer
+  state = lambda flat: {"params": nest(flat), "opt_state": {"mu": nest(flat)}, "step": jnp.int32(3)}
+  with Checkpointer(tmp_path / "work", async_save=False) as ck:
+    ck.save(3, state(old))
+  meta_file = tmp_path / "work" / "checkpoints" / "3" / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  assert meta.pop("fused_layout") == "head_groups"
+  meta_file.write_text(json.dumps(meta))
+  with Checkpointer(tmp_path / "work", async_save=False) as ck:
+    restored = ck.restore(state(ours))["state"]
+  for tree in (restored["params"], restored["opt_state"]["mu"]):
+    for path, value in flatten(tree).items():
+      np.testing.assert_array_equal(np.asarray(value), np.asarray(ours[path]), err_msg=path)
+  convert.orbax_to_cotir(str(tmp_path / "work"), str(tmp_path / "x"), dtype=None)
+  back = C.read_tensors(str(tmp_path / "x" / "cot_adapter.pt"))
+  for k, v in adapter.items():
+    np.testing.assert_array_equal(np.asarray(back[k]).astype(np.float32), _np(v), err_msg=k)
 
 
 def test_reads_training_checkpoints(tmp_path):

@@ -53,8 +53,7 @@ def test_full_size_counts_and_table_coverage(name):
   ref_shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
   assert sum(int(np.prod(s)) for s in ref_shapes.values()) == backbone
   targets = {k: v for k, v in flat_params(nnx.state(model.backbone, nnx.Not(nnx.LoRAParam))).items()}
-  check_coverage(transformer_rules(cfg.model.family, guidance_embed=cfg.model.guidance_embed),
-                 targets, ref_shapes, source=name)
+  check_coverage(transformer_rules(model.backbone.spec), targets, ref_shapes, source=name)
 
 
 def _forward(model, x, part=None):
@@ -240,7 +239,9 @@ def _torch_adapter(adapter, txt, img, vec, ang, heads):
     sh, sc, g = (F.silu(vec) @ _t(mod["kernel"][...]) + _t(mod["bias"][...])).chunk(3, -1)
     z = torch.cat([x, img], 1)
     z = (1 + sc[:, None]) * F.layer_norm(z, z.shape[-1:], eps=1e-6) + sh[:, None]
-    qkv_m = z @ _t(lin1["kernel"][...]) + _t(lin1["bias"][...])
+    parts = lambda x, layout, axis: _t(layout.to_parts(np.asarray(x), axis, np))  # BFL order
+    qkv_m = (z @ parts(lin1["kernel"][...], adapter.spec.adapter_linear1_layout, -1)
+             + parts(lin1["bias"][...], adapter.spec.adapter_linear1_layout, -1))
     qkv, m = qkv_m[..., :3 * h], qkv_m[..., 3 * h:]
     b, l = qkv.shape[:2]
     q, k, v = qkv.reshape(b, l, 3, heads, -1).permute(2, 0, 3, 1, 4)
@@ -250,7 +251,8 @@ def _torch_adapter(adapter, txt, img, vec, ang, heads):
     a = F.scaled_dot_product_attention(q, k, v).permute(0, 2, 1, 3).reshape(b, l, -1)
     n = x.shape[1]
     out = torch.cat([a[:, :n], F.gelu(m[:, :n], approximate="tanh")], -1)
-    x = x + g[:, None] * (out @ _t(lin2["kernel"][...]) + _t(lin2["bias"][...]))
+    x = x + g[:, None] * (out @ parts(lin2["kernel"][...], adapter.spec.adapter_linear2_layout, -2)
+                          + _t(lin2["bias"][...]))
   deg = _torch_linear(x, adapter.degradation_layer)
   sharp = _torch_linear(x, adapter.sharpness_layer)
   plan = _torch_linear(torch.cat([deg, sharp], -1), adapter.planning_layer)

@@ -56,7 +56,10 @@ from cotir_jax.convert.flux import spec_from_diffusers, transformer_rules
 from cotir_jax.convert.safetensors_io import DTYPES, SafetensorsDir, SafetensorsError, _read_header
 from cotir_jax.models.flux import FluxTransformer
 
-BASE_FORMAT = "cotir_jax.base/1"
+# /2: the transformer's fused projections grouped by head (`models.layers.FusedLayout`); /1
+# had their parts side by side, which this version would misread.
+BASE_FORMAT = "cotir_jax.base/2"
+SIDE_BY_SIDE_FORMAT = "cotir_jax.base/1"
 WEIGHTS = "weights"
 MANIFEST = "manifest.json"
 QWEN3_DEFAULT_LAYERS = (9, 18, 27)  # spec §9.3
@@ -204,10 +207,9 @@ def _module_builder(kind: str, config: dict, *, source: str, param_dtype, comput
 def _rules(kind: str, our_cfg, keys, config: dict, from_bfl: bool = False):
   """(rule table, ignore patterns) of one module kind (a transformer in BFL or diffusers names)."""
   if kind == "transformer" and from_bfl:
-    return bfl.transformer_rules(our_cfg.family, guidance_embed=our_cfg.guidance_embed,
-                                 key_prefix=bfl.key_prefix(keys)), ()
+    return bfl.transformer_rules(our_cfg, key_prefix=bfl.key_prefix(keys)), ()
   if kind == "transformer":
-    return transformer_rules(our_cfg.family, guidance_embed=our_cfg.guidance_embed), ()
+    return transformer_rules(our_cfg), ()
   if kind == "vae":
     from cotir_jax.convert.vae import IGNORE, vae_rules
     return vae_rules(our_cfg), IGNORE
@@ -435,8 +437,17 @@ def read_manifest(path: str) -> dict:
   if not os.path.isfile(m):
     raise ConversionError(f"{path}: not a converted base checkpoint (no {MANIFEST})")
   manifest = _read_json(m)
-  if manifest.get("format") != BASE_FORMAT:
-    raise ConversionError(f"{m}: format {manifest.get('format')!r}, expected {BASE_FORMAT!r}")
+  fmt = manifest.get("format")
+  if fmt == SIDE_BY_SIDE_FORMAT and "transformer" in manifest.get("modules", {}):
+    src, bfl_file = manifest.get("source"), manifest.get("transformer_source")
+    raise ConversionError(
+        f"{m}: converted by an older cotir_jax ({fmt}), whose fused projections this version "
+        "would misread; convert the base again: python convert/diffusers_to_orbax.py"
+        + ("" if bfl_file and src == bfl_file else f" --src {src}")
+        + (f" --transformer {bfl_file}" if bfl_file else "")
+        + f" --only {' '.join(manifest['modules'])} --dtype {manifest.get('dtype')} --out <dir>")
+  if fmt not in (BASE_FORMAT, SIDE_BY_SIDE_FORMAT):
+    raise ConversionError(f"{m}: format {fmt!r}, expected {BASE_FORMAT!r}")
   return manifest
 
 

@@ -4,9 +4,11 @@ Upstream CoTIR loads its base transformer from Black Forest Labs' native checkpo
 `flux-2-klein-4b.safetensors` / `flux-2-klein-9b.safetensors` (FLUX.2-klein) and
 `flux1-kontext-dev.safetensors` (FLUX.1-Kontext). Our parameter names follow BFL's, so the
 tables below are almost one to one: a Linear's `weight` is our transposed `kernel`, the MLPs'
-`*_mlp.0` / `*_mlp.2` are our `fc1` / `fc2`, blocks stack on our leading layer axis, and
-`final_layer.adaLN_modulation.1` already emits (shift, scale) as ours does (no swap, unlike
-diffusers' `norm_out`). FLUX.2-klein has no biases; FLUX.1 has one on every Linear.
+`*_mlp.0` / `*_mlp.2` are our `fc1` / `fc2`, blocks stack on our leading layer axis, the fused
+projections (`qkv`, `linear1`, `linear2`'s rows, the SwiGLU `*_mlp.0`) are regrouped by head
+(`models.layers.FusedLayout`), and `final_layer.adaLN_modulation.1` already emits (shift,
+scale) as ours does (no swap, unlike diffusers' `norm_out`). FLUX.2-klein has no biases;
+FLUX.1 has one on every Linear.
 
 A BFL file holds only the transformer and no config: `transformer_config` derives the
 diffusers-style config the rest of the converter stores (layer counts and widths from the
@@ -27,6 +29,7 @@ from cotir_jax.convert.core import (IDENTITY, ConversionError, Rule, flat_params
 from cotir_jax.convert.flux import spec_from_diffusers
 from cotir_jax.convert.safetensors_io import SafetensorsDir, SafetensorsError
 from cotir_jax.models.flux import FluxTransformer
+from cotir_jax.models.spec import ModelSpec
 
 KEY_PREFIXES = ("model.diffusion_model.",)
 # a key only one family has → family; diffusers-style config class of each family
@@ -49,16 +52,17 @@ def _norms(ours: str, theirs: str) -> list[Rule]:
           rule(f"{ours}.key_norm.scale", f"{theirs}.key_norm.scale", t=IDENTITY)]
 
 
-def transformer_rules(family: str, *, guidance_embed: bool, prefix: str = "",
-                      key_prefix: str = "") -> list[Rule]:
-  """The BFL table of one family. `prefix` places it inside a bigger module ("backbone.");
-  `key_prefix` is the prefix every key of the file carries ("" or "model.diffusion_model.")."""
+def transformer_rules(spec: ModelSpec, *, prefix: str = "", key_prefix: str = "") -> list[Rule]:
+  """The BFL table of the transformer `spec` describes (family, guidance embedder, fused
+  layouts). `prefix` places it inside a bigger module ("backbone."); `key_prefix` is the
+  prefix every key of the file carries ("" or "model.diffusion_model.")."""
+  family, guidance_embed = spec.family, spec.guidance_embed
   if family not in CLASS_NAMES:
     raise ConversionError(f"unknown family {family!r}; expected one of {sorted(CLASS_NAMES)}")
   b = family == "flux1"
   p, k = prefix, key_prefix
   d, s = f"{k}double_blocks.{{i}}", f"{k}single_blocks.{{i}}"
-  lin = lambda ours, theirs: linear(f"{p}{ours}", theirs, b)
+  lin = lambda ours, theirs, **fused: linear(f"{p}{ours}", theirs, b, **fused)
   rules = [
       *lin("img_in", f"{k}img_in"),
       *lin("txt_in", f"{k}txt_in"),
@@ -66,15 +70,17 @@ def transformer_rules(family: str, *, guidance_embed: bool, prefix: str = "",
       *lin("time_in.out_layer", f"{k}time_in.out_layer"),
       *lin("final_layer.linear", f"{k}final_layer.linear"),
       *lin("final_layer.adaLN_modulation", f"{k}final_layer.adaLN_modulation.1"),
-      *lin("single_blocks.linear1", f"{s}.linear1"),
-      *lin("single_blocks.linear2", f"{s}.linear2"),
+      *lin("single_blocks.linear1", f"{s}.linear1", cols=spec.linear1_layout),
+      *lin("single_blocks.linear2", f"{s}.linear2", rows=spec.linear2_layout),
       *_norms(f"{p}single_blocks.norm", f"{s}.norm"),
   ]
   for stream in ("img", "txt"):
-    rules += [*lin(f"double_blocks.{stream}_attn.qkv", f"{d}.{stream}_attn.qkv"),
+    rules += [*lin(f"double_blocks.{stream}_attn.qkv", f"{d}.{stream}_attn.qkv",
+                   cols=spec.qkv_layout),
               *_norms(f"{p}double_blocks.{stream}_attn.norm", f"{d}.{stream}_attn.norm"),
               *lin(f"double_blocks.{stream}_attn.proj", f"{d}.{stream}_attn.proj"),
-              *lin(f"double_blocks.{stream}_mlp.fc1", f"{d}.{stream}_mlp.0"),
+              *lin(f"double_blocks.{stream}_mlp.fc1", f"{d}.{stream}_mlp.0",
+                   cols=spec.mlp_in_layout),
               *lin(f"double_blocks.{stream}_mlp.fc2", f"{d}.{stream}_mlp.2")]
   if guidance_embed:
     rules += [*lin("guidance_in.in_layer", f"{k}guidance_in.in_layer"),
@@ -199,7 +205,6 @@ def load_transformer(path: str, *, config: dict | None = None, dtype=None,
   compute = compute_dtype or (jnp.float32 if param_dtype == jnp.float32 else jnp.bfloat16)
   spec = spec_from_diffusers(config, source=path, dtype=compute, param_dtype=param_dtype)
   build = lambda: FluxTransformer(spec, rngs=nnx.Rngs(0))
-  rules = transformer_rules(spec.family, guidance_embed=spec.guidance_embed,
-                            key_prefix=key_prefix(tensors))
+  rules = transformer_rules(spec, key_prefix=key_prefix(tensors))
   params = import_params(rules, tensors, flat_params(nnx.eval_shape(build)), source=path)
   return materialize(build, params)

@@ -32,10 +32,12 @@ class Transform:
   """`to_ours(ref_arrays, xp) -> our array`; `to_ref(our_array, ref_shapes, xp) -> ref arrays`.
 
   `xp` is numpy for real conversion and jax.numpy for shape-only checks (under eval_shape).
+  `regroups`: the (FusedLayout, axis) pairs `to_ours` ends with (see `regroup`).
   """
   name: str
   to_ours: Callable
   to_ref: Callable
+  regroups: tuple = ()
 
 
 def _split_rows(x, shapes, xp):
@@ -69,6 +71,18 @@ SWAPPED = Transform("swapped", lambda a, xp: _swap_halves(a[0], xp),
                     lambda x, s, xp: [_swap_halves(x, xp)])
 
 
+def regroup(t: Transform, layout, axis: int) -> Transform:
+  """`t`, then our head-group-major order of a fused projection (`models.layers.FusedLayout`)
+  along `axis` of our array (-1: output columns / bias, -2: input rows); export inverts it.
+  A mis-shaped input is passed on as it is, for the importer's error naming both shapes."""
+  def to_ours(a, xp):
+    x = t.to_ours(a, xp)
+    return layout.from_parts(x, axis, xp) if x.shape[axis] == sum(layout.sizes) else x
+  return Transform(f"{t.name}+groups{layout.groups}{list(layout.sizes)}@{axis}", to_ours,
+                   lambda x, s, xp: t.to_ref(layout.to_parts(x, axis, xp), s, xp),
+                   t.regroups + ((layout, axis),))
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
   ours: str
@@ -87,11 +101,20 @@ def rule(ours: str, *ref: str, t: Transform = LINEAR) -> Rule:
   return Rule(ours, tuple(ref), t)
 
 
-def linear(ours: str, ref: str, bias: bool) -> list[Rule]:
-  """A Linear layer: `ours.kernel` ← `ref.weight` (transposed), `ours.bias` ← `ref.bias`."""
-  rules = [rule(f"{ours}.kernel", f"{ref}.weight")]
+def linear(ours: str, ref: str, bias: bool, *, cols=None, rows=None) -> list[Rule]:
+  """A Linear layer: `ours.kernel` ← `ref.weight` (transposed), `ours.bias` ← `ref.bias`.
+
+  `cols` / `rows`: the `FusedLayout` of a fused projection's outputs / inputs, whose reference
+  order (parts side by side) is regrouped by head into ours.
+  """
+  kernel, b = LINEAR, IDENTITY
+  if cols is not None:
+    kernel, b = regroup(kernel, cols, -1), regroup(b, cols, -1)
+  if rows is not None:
+    kernel = regroup(kernel, rows, -2)
+  rules = [rule(f"{ours}.kernel", f"{ref}.weight", t=kernel)]
   if bias:
-    rules.append(rule(f"{ours}.bias", f"{ref}.bias", t=IDENTITY))
+    rules.append(rule(f"{ours}.bias", f"{ref}.bias", t=b))
   return rules
 
 

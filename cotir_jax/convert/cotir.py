@@ -8,7 +8,11 @@ Upstream saves two `torch.save` dicts of bfloat16 tensors with BFL-native names:
 heads, the three LastLayers, the three [1] scales). Ours keep LoRA as `Dense.lora.{a, b,
 b_bias}` with a = A.T [in, r], b = B.T [r, out], and stack blocks on a leading layer axis, so
 one `core.Rule` table (`{i}` = layer) drives import, export and the coverage check. BFL's
-`final_layer.adaLN_modulation.1` already emits (shift, scale) like ours: no swap here.
+`final_layer.adaLN_modulation.1` already emits (shift, scale) like ours: no swap here. The
+fused projections (`linear1`'s columns: LoRA B and its bias; `linear2`'s rows: LoRA A; the
+adapter's kernels) are regrouped by head as the base weights are (`models.layers.FusedLayout`):
+the tables take the `ModelSpec` whose layouts they follow, which the functions below read from
+the trainable weights' shapes (`spec_of_trainable`).
 
 Files may also be `.safetensors` with the same keys (what `save_cotir_weights(fmt=
 "safetensors")` writes). Import casts to each variable's dtype; export casts to `dtype`
@@ -29,9 +33,11 @@ import numpy as np
 from flax import nnx
 
 from cotir_jax.convert import orbax_io
-from cotir_jax.convert.core import (IDENTITY, ConversionError, Rule, export_params, flat_params,
-                                    import_params, linear, rule)
+from cotir_jax.convert.core import (IDENTITY, LINEAR, ConversionError, Rule, export_params,
+                                    flat_params, import_params, linear, regroup, rule)
 from cotir_jax.convert.safetensors_io import SafetensorsDir, save_file
+from cotir_jax.models.layers import FUSED_LAYOUT
+from cotir_jax.models.spec import ModelSpec
 
 HEADS = ("degradation", "sharpness", "planning")
 LORA_FILE, ADAPTER_FILE = "lora", "cot_adapter"
@@ -41,30 +47,37 @@ UPSTREAM_FILES = tuple(f"{name}.{fmt}" for name in (LORA_FILE, ADAPTER_FILE) for
 
 # ----------------------------------------------------------------------------- the table
 
-def _lora(ours: str, ref: str) -> list[Rule]:
-  return [rule(f"{ours}.lora.a", f"{ref}.lora_A.weight"),
-          rule(f"{ours}.lora.b", f"{ref}.lora_B.weight"),
-          rule(f"{ours}.lora.b_bias", f"{ref}.lora_B.bias", t=IDENTITY)]
+def _lora(ours: str, ref: str, *, cols=None, rows=None) -> list[Rule]:
+  """A LoRA of a Linear whose outputs (`cols`: B and its bias) or inputs (`rows`: A) may be a
+  fused projection's (`FusedLayout`)."""
+  a, b, b_bias = LINEAR, LINEAR, IDENTITY
+  if cols is not None:
+    b, b_bias = regroup(b, cols, -1), regroup(b_bias, cols, -1)
+  if rows is not None:
+    a = regroup(a, rows, -2)
+  return [rule(f"{ours}.lora.a", f"{ref}.lora_A.weight", t=a),
+          rule(f"{ours}.lora.b", f"{ref}.lora_B.weight", t=b),
+          rule(f"{ours}.lora.b_bias", f"{ref}.lora_B.bias", t=b_bias)]
 
 
-def lora_rules(family: str, prefix: str = "backbone.") -> list[Rule]:
+def lora_rules(spec: ModelSpec, prefix: str = "backbone.") -> list[Rule]:
   """Our LoRA variables (under `prefix`) ↔ upstream `lora.pt` keys (spec §8)."""
   p, s = prefix, "single_blocks.{i}"
-  rules = [*_lora(f"{p}single_blocks.linear1", f"{s}.linear1"),
-           *_lora(f"{p}single_blocks.linear2", f"{s}.linear2"),
+  rules = [*_lora(f"{p}single_blocks.linear1", f"{s}.linear1", cols=spec.linear1_layout),
+           *_lora(f"{p}single_blocks.linear2", f"{s}.linear2", rows=spec.linear2_layout),
            *_lora(f"{p}final_layer.linear", "final_layer.linear"),
            *_lora(f"{p}final_layer.adaLN_modulation", "final_layer.adaLN_modulation.1")]
-  if family == "flux1":
+  if spec.family == "flux1":
     rules += _lora(f"{p}single_blocks.modulation.lin", f"{s}.modulation.lin")
   return rules
 
 
-def adapter_rules(prefix: str = "cot_adapter.") -> list[Rule]:
+def adapter_rules(spec: ModelSpec, prefix: str = "cot_adapter.") -> list[Rule]:
   """Our `cot_adapter` variables ↔ upstream `cot_adapter.pt` keys (spec §7, §13)."""
   a, d = "cot_adapter", "cot_adapter.decoder.{i}"
   p = prefix
-  rules = [*linear(f"{p}decoder.linear1", f"{d}.linear1", True),
-           *linear(f"{p}decoder.linear2", f"{d}.linear2", True),
+  rules = [*linear(f"{p}decoder.linear1", f"{d}.linear1", True, cols=spec.adapter_linear1_layout),
+           *linear(f"{p}decoder.linear2", f"{d}.linear2", True, rows=spec.adapter_linear2_layout),
            rule(f"{p}decoder.norm.query_norm.scale", f"{d}.norm.query_norm.scale", t=IDENTITY),
            rule(f"{p}decoder.norm.key_norm.scale", f"{d}.norm.key_norm.scale", t=IDENTITY),
            *linear(f"{p}decoder.modulation.lin", f"{d}.modulation.lin", True)]
@@ -77,15 +90,72 @@ def adapter_rules(prefix: str = "cot_adapter.") -> list[Rule]:
   return rules
 
 
-def cotir_rules(family: str) -> list[Rule]:
+def cotir_rules(spec: ModelSpec) -> list[Rule]:
   """The whole trainable set of `CoTIR` (paths as in `nnx.state(model, TRAINABLE)`)."""
-  return lora_rules(family) + adapter_rules()
+  return lora_rules(spec) + adapter_rules(spec)
 
 
 def family_of(paths) -> str:
   """flux1 (Kontext) is the only family with LoRA on the single blocks' modulation."""
   return "flux1" if any(".modulation.lin.lora." in p and "single_blocks" in p for p in paths) \
       else "flux2"
+
+
+def spec_of_trainable(params: Mapping[str, object], source: str, family: str | None = None
+                      ) -> ModelSpec:
+  """A `ModelSpec` with the family (default: `family_of`) and widths of a trainable set (our
+  dotted paths → arrays or shapes), read from its shapes: what the tables' fused layouts need.
+  The adapter's QK-norm gives the head width, its linear1 the widths, the single blocks' LoRA
+  A on linear2 (when there is LoRA) the MLP width."""
+  from cotir_jax import config
+  shape = lambda k: np.shape(params[k])
+  try:
+    hidden, fused = shape("cot_adapter.decoder.linear1.kernel")[-2:]
+    head_dim = shape("cot_adapter.decoder.norm.query_norm.scale")[-1]
+  except KeyError as e:
+    raise ConversionError(f"{source}: no CoT adapter among the weights (missing {e})") from None
+  lora_a = "backbone.single_blocks.linear2.lora.a"
+  model = config.defaults().model
+  model.update(family=family or family_of(params), hidden_size=hidden,
+               num_heads=hidden // head_dim)
+  model.cot_adapter.mlp_ratio = (fused - 3 * hidden) / hidden
+  if lora_a in params:
+    model.mlp_ratio = (shape(lora_a)[-2] - hidden) / hidden
+  spec = ModelSpec.from_config(model)
+  if (spec.adapter_mlp_hidden != fused - 3 * hidden
+      or (lora_a in params and spec.mlp_hidden != shape(lora_a)[-2] - hidden)):
+    raise ConversionError(f"{source}: cannot tell the model's widths from its weights; give "
+                          "its --config")
+  return spec
+
+
+def regroup_side_by_side(arrays: Mapping[str, object], spec: ModelSpec, xp=np) -> dict:
+  """Trainable arrays written when the fused projections' parts lay side by side (a checkpoint
+  without `fused_layout`) → ours: every array whose dotted path (a trailing `.value` aside)
+  ends with the path of such a parameter, which also catches what mirrors it (optimizer
+  moments, the moving average); the other arrays as they are."""
+  fused = {r.ours: r.transform.regroups for r in cotir_rules(spec) if r.transform.regroups}
+  out = {}
+  for path, x in arrays.items():
+    key = path[:-len(".value")] if path.endswith(".value") else path
+    for ours, regroups in fused.items():
+      if key == ours or key.endswith("." + ours):
+        for layout, axis in regroups:
+          x = layout.from_parts(x, axis, xp)
+        break
+    out[path] = x
+  return out
+
+
+def load_trainable(path: str, item: str = orbax_io.PARAMS_ITEM, spec: ModelSpec | None = None
+                   ) -> dict[str, np.ndarray]:
+  """`orbax_io.load_trainable`'s params in our layout: one written before the fused
+  projections were grouped by head is regrouped (`spec`: its model's; default: read from its
+  shapes)."""
+  params, meta = orbax_io.load_trainable(path, item)
+  if meta.get("fused_layout") != FUSED_LAYOUT:
+    params = regroup_side_by_side(params, spec or spec_of_trainable(params, path))
+  return params
 
 
 def trainable_targets(model) -> tuple[dict, dict]:
@@ -175,9 +245,11 @@ def write_tensors(tensors: Mapping[str, np.ndarray], path: str, fmt: str) -> Non
 def import_cotir_params(family: str, lora_targets: Mapping, adapter_targets: Mapping,
                         lora_path: str | None, adapter_path: str | None) -> dict[str, np.ndarray]:
   """Reads the upstream files into our dotted paths (numpy, each target's dtype)."""
+  spec = spec_of_trainable({**lora_targets, **adapter_targets}, "the model", family)
   out = {}
-  for path, targets, rules, what in ((lora_path, lora_targets, lora_rules(family), "LoRA"),
-                                     (adapter_path, adapter_targets, adapter_rules(), "adapter")):
+  for path, targets, rules, what in ((lora_path, lora_targets, lora_rules(spec), "LoRA"),
+                                     (adapter_path, adapter_targets, adapter_rules(spec),
+                                      "adapter")):
     if path is None:
       continue
     if not targets:
@@ -236,15 +308,15 @@ def export_cotir_params(params: Mapping[str, object], dtype=jnp.bfloat16
   """Our trainable dotted paths → (lora dict, cot_adapter dict) with upstream names."""
   want = _export_dtype(dtype)
   params = {k: np.asarray(v) for k, v in params.items()}
-  family = family_of(params)
+  spec = spec_of_trainable(params, "the weights to export")
   lora = {k: v for k, v in params.items() if not k.startswith("cot_adapter.")}
   adapter = {k: v for k, v in params.items() if k.startswith("cot_adapter.")}
   cast = (lambda d: {k: v.astype(want) for k, v in d.items()}) if want is not None else (lambda d: d)
-  lora = export_params(lora_rules(family), lora)
+  lora = export_params(lora_rules(spec), lora)
   for k, b in list(lora.items()):  # upstream's LoRA always has B's bias: zeros keep its output
     if k.endswith(".lora_B.weight") and k.replace(".weight", ".bias") not in lora:
       lora[k.replace(".weight", ".bias")] = np.zeros(b.shape[:1], b.dtype)
-  return cast(lora), cast(export_params(adapter_rules(), adapter))
+  return cast(lora), cast(export_params(adapter_rules(spec), adapter))
 
 
 def write_cotir_files(params: Mapping[str, object], out_dir: str, fmt: str = "pt",
@@ -344,7 +416,7 @@ def read_trainable(paths: Sequence[str], targets: Mapping[str, object], family: 
     upstream = [os.path.join(paths[0], f) for f in UPSTREAM_FILES
                 if os.path.isfile(os.path.join(paths[0], f))]
     if not upstream:
-      flat, _ = orbax_io.load_trainable(paths[0], item)
+      flat = load_trainable(paths[0], item, spec_of_trainable(targets, what, family))
       check_trainable(flat, targets, paths[0])
       return flat
     paths = upstream
@@ -410,7 +482,8 @@ def cotir_to_orbax(lora_path: str | None, adapter_path: str | None, cfg, out: st
     raise ConversionError("a cot_adapter file is required")
   params = import_cotir_params(cfg.model.family, lora_t, adapter_t, lora_path, adapter_path)
   check_trainable(params, flat_params(nnx.state(model, models.TRAINABLE)), "cotir_to_orbax")
-  meta = {"family": cfg.model.family, "sources": {"lora": lora_path, "cot_adapter": adapter_path},
+  meta = {"family": cfg.model.family, "fused_layout": FUSED_LAYOUT,
+          "sources": {"lora": lora_path, "cot_adapter": adapter_path},
           "dtypes": sorted({str(v.dtype) for v in params.values()}),
           "config": json.loads(cfg.to_json_best_effort())}
   orbax_io.save_trainable(out, params, meta, overwrite=overwrite)
@@ -425,7 +498,7 @@ def orbax_to_cotir(checkpoint: str, out_dir: str, fmt: str = "pt", dtype=jnp.bfl
   the moving average of the weights a training checkpoint keeps (`training.ema_decay` > 0).
   """
   from cotir_jax import models
-  params, _ = orbax_io.load_trainable(checkpoint, orbax_io.EMA_ITEM if ema else orbax_io.PARAMS_ITEM)
+  params = load_trainable(checkpoint, orbax_io.EMA_ITEM if ema else orbax_io.PARAMS_ITEM)
   if cfg is not None:
     check_trainable(params, flat_params(nnx.state(_abstract_model(cfg), models.TRAINABLE)),
                     checkpoint)

@@ -1,7 +1,8 @@
 """diffusers `Flux2Transformer2DModel` / `FluxTransformer2DModel` ↔ our `FluxTransformer`.
 
 One rule table per family. Differences the transforms absorb: diffusers splits q, k, v (and
-FLUX.1's single-block MLP input) into separate Linears where BFL / we fuse them; its
+FLUX.1's single-block MLP input) into separate Linears where BFL / we fuse them; our fused
+projections interleave their parts by head group (`models.layers.FusedLayout`); its
 `norm_out` emits (scale, shift) where we emit (shift, scale) (spec §17.21).
 """
 
@@ -15,7 +16,7 @@ from flax import nnx
 
 from cotir_jax.convert.core import (FUSED, FUSED_LINEAR, IDENTITY, SWAPPED, SWAPPED_LINEAR,
                                     ConversionError, Rule, import_params, linear, materialize,
-                                    rule, flat_params)
+                                    regroup, rule, flat_params)
 from cotir_jax.convert.safetensors_io import SafetensorsDir
 from cotir_jax.models.flux import FluxTransformer
 from cotir_jax.models.spec import ModelSpec
@@ -23,10 +24,12 @@ from cotir_jax.models.spec import ModelSpec
 CLASSES = {"Flux2Transformer2DModel": "flux2", "FluxTransformer2DModel": "flux1"}
 
 
-def _qkv(ours: str, refs: list[str], bias: bool) -> list[Rule]:
-  rules = [rule(f"{ours}.kernel", *[f"{r}.weight" for r in refs], t=FUSED_LINEAR)]
+def _fused(ours: str, refs: list[str], bias: bool, layout) -> list[Rule]:
+  """Separate diffusers Linears (q, k, v[, MLP input]) → our fused kernel in `layout`."""
+  rules = [rule(f"{ours}.kernel", *[f"{r}.weight" for r in refs],
+                t=regroup(FUSED_LINEAR, layout, -1))]
   if bias:
-    rules.append(rule(f"{ours}.bias", *[f"{r}.bias" for r in refs], t=FUSED))
+    rules.append(rule(f"{ours}.bias", *[f"{r}.bias" for r in refs], t=regroup(FUSED, layout, -1)))
   return rules
 
 
@@ -35,8 +38,10 @@ def _norms(ours: str, q: str, k: str) -> list[Rule]:
           rule(f"{ours}.key_norm.scale", f"{k}.weight", t=IDENTITY)]
 
 
-def transformer_rules(family: str, *, guidance_embed: bool, prefix: str = "") -> list[Rule]:
-  """The table for one family; `prefix` places it inside a bigger module (e.g. "backbone.")."""
+def transformer_rules(spec: ModelSpec, *, prefix: str = "") -> list[Rule]:
+  """The table of the transformer `spec` describes (its family, guidance embedder and fused
+  layouts); `prefix` places it inside a bigger module (e.g. "backbone.")."""
+  family, guidance_embed = spec.family, spec.guidance_embed
   b = family == "flux1"
   p = prefix
   d, s = "transformer_blocks.{i}", "single_transformer_blocks.{i}"
@@ -47,11 +52,13 @@ def transformer_rules(family: str, *, guidance_embed: bool, prefix: str = "") ->
       *linear(f"{p}time_in.in_layer", f"{emb}.timestep_embedder.linear_1", b),
       *linear(f"{p}time_in.out_layer", f"{emb}.timestep_embedder.linear_2", b),
       # double blocks: image stream = to_*, text stream = add_*_proj
-      *_qkv(f"{p}double_blocks.img_attn.qkv", [f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v"], b),
+      *_fused(f"{p}double_blocks.img_attn.qkv",
+              [f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v"], b, spec.qkv_layout),
       *_norms(f"{p}double_blocks.img_attn.norm", f"{d}.attn.norm_q", f"{d}.attn.norm_k"),
       *linear(f"{p}double_blocks.img_attn.proj", f"{d}.attn.to_out.0", b),
-      *_qkv(f"{p}double_blocks.txt_attn.qkv",
-            [f"{d}.attn.add_q_proj", f"{d}.attn.add_k_proj", f"{d}.attn.add_v_proj"], b),
+      *_fused(f"{p}double_blocks.txt_attn.qkv",
+              [f"{d}.attn.add_q_proj", f"{d}.attn.add_k_proj", f"{d}.attn.add_v_proj"], b,
+              spec.qkv_layout),
       *_norms(f"{p}double_blocks.txt_attn.norm", f"{d}.attn.norm_added_q", f"{d}.attn.norm_added_k"),
       *linear(f"{p}double_blocks.txt_attn.proj", f"{d}.attn.to_add_out", b),
       *_norms(f"{p}single_blocks.norm", f"{s}.attn.norm_q", f"{s}.attn.norm_k"),
@@ -68,12 +75,16 @@ def transformer_rules(family: str, *, guidance_embed: bool, prefix: str = "") ->
         *linear(f"{p}double_stream_modulation_img.lin", "double_stream_modulation_img.linear", False),
         *linear(f"{p}double_stream_modulation_txt.lin", "double_stream_modulation_txt.linear", False),
         *linear(f"{p}single_stream_modulation.lin", "single_stream_modulation.linear", False),
-        *linear(f"{p}double_blocks.img_mlp.fc1", f"{d}.ff.linear_in", False),
+        *linear(f"{p}double_blocks.img_mlp.fc1", f"{d}.ff.linear_in", False,
+                cols=spec.mlp_in_layout),
         *linear(f"{p}double_blocks.img_mlp.fc2", f"{d}.ff.linear_out", False),
-        *linear(f"{p}double_blocks.txt_mlp.fc1", f"{d}.ff_context.linear_in", False),
+        *linear(f"{p}double_blocks.txt_mlp.fc1", f"{d}.ff_context.linear_in", False,
+                cols=spec.mlp_in_layout),
         *linear(f"{p}double_blocks.txt_mlp.fc2", f"{d}.ff_context.linear_out", False),
-        *linear(f"{p}single_blocks.linear1", f"{s}.attn.to_qkv_mlp_proj", False),
-        *linear(f"{p}single_blocks.linear2", f"{s}.attn.to_out", False),
+        *linear(f"{p}single_blocks.linear1", f"{s}.attn.to_qkv_mlp_proj", False,
+                cols=spec.linear1_layout),
+        *linear(f"{p}single_blocks.linear2", f"{s}.attn.to_out", False,
+                rows=spec.linear2_layout),
     ]
   else:
     rules += [
@@ -85,9 +96,10 @@ def transformer_rules(family: str, *, guidance_embed: bool, prefix: str = "") ->
         *linear(f"{p}double_blocks.img_mlp.fc2", f"{d}.ff.net.2", True),
         *linear(f"{p}double_blocks.txt_mlp.fc1", f"{d}.ff_context.net.0.proj", True),
         *linear(f"{p}double_blocks.txt_mlp.fc2", f"{d}.ff_context.net.2", True),
-        *_qkv(f"{p}single_blocks.linear1",
-              [f"{s}.attn.to_q", f"{s}.attn.to_k", f"{s}.attn.to_v", f"{s}.proj_mlp"], True),
-        *linear(f"{p}single_blocks.linear2", f"{s}.proj_out", True),
+        *_fused(f"{p}single_blocks.linear1",
+                [f"{s}.attn.to_q", f"{s}.attn.to_k", f"{s}.attn.to_v", f"{s}.proj_mlp"], True,
+                spec.linear1_layout),
+        *linear(f"{p}single_blocks.linear2", f"{s}.proj_out", True, rows=spec.linear2_layout),
         *linear(f"{p}single_blocks.modulation.lin", f"{s}.norm.linear", True),
     ]
   return rules
@@ -139,6 +151,5 @@ def load_transformer(path: str, *, dtype=None, compute_dtype=None, **spec_overri
                              **spec_overrides)
   build = lambda: FluxTransformer(spec, rngs=nnx.Rngs(0))
   targets = flat_params(nnx.eval_shape(build))
-  rules = transformer_rules(spec.family, guidance_embed=spec.guidance_embed)
-  params = import_params(rules, tensors, targets, source=path)
+  params = import_params(transformer_rules(spec), tensors, targets, source=path)
   return materialize(build, params)

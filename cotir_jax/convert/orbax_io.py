@@ -14,7 +14,7 @@ from, and `convert/orbax_to_cotir.py` reads):
 
     <dir>/params/      Orbax PyTree: the nested dict of nnx.state(model, models.TRAINABLE)
                        (LoRA a [.., in, r], b [.., r, out], b_bias; the whole `cot_adapter`)
-    <dir>/cotir.json   {"format", "family", "dtype", "sources", "config"}
+    <dir>/cotir.json   {"format", "family", "fused_layout", "dtype", "sources", "config"}
 
 `load_trainable(path)` also reads training checkpoints: a step directory holding an Orbax item
 `params` (that tree) or an item `state` whose tree has a `params` key (only that subtree is
@@ -182,14 +182,16 @@ def resolve_trainable(path: str, item: str = PARAMS_ITEM) -> tuple[str, tuple[st
 
 def load_trainable(path: str, item: str = PARAMS_ITEM) -> tuple[dict[str, np.ndarray], dict]:
   """(flat dotted-path → numpy params, meta dict) from any directory `resolve_trainable` accepts;
-  `item="ema"`: the moving average of a training checkpoint instead of its weights."""
+  `item="ema"`: the moving average of a training checkpoint instead of its weights. The meta is
+  `cotir.json`'s, or a training step's (`config`, `step`, ...)."""
   tree_dir, keys = resolve_trainable(path, item)
   tree = restore_tree(tree_dir, keys=keys or None)
   for k in keys:
     tree = tree[k]
   meta = {}
-  for candidate in (os.path.dirname(tree_dir), path):
-    f = os.path.join(candidate, META_FILE)
+  step_meta = os.path.join(os.path.dirname(tree_dir), "meta", "metadata")  # a training step's
+  for f in ([step_meta] if keys else []) + [os.path.join(c, META_FILE)
+                                            for c in (os.path.dirname(tree_dir), path)]:
     if os.path.isfile(f):
       with open(f) as fh:
         meta = json.load(fh)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from cotir_jax.models.layers import (HIDDEN, TOKENS, Dense, LastLayer, Modulation, QKNorm,
-                                     attention, gelu_tanh, modulate, param, scan_blocks,
-                                     split_heads, stack_blocks)
+from cotir_jax.models.layers import (FUSED, TOKENS, Dense, FusedLayout, LastLayer, Modulation,
+                                     QKNorm, attention, gelu_tanh, modulate, param, scan_blocks,
+                                     stack_blocks, to_heads)
 from cotir_jax.sharding import constrain
 from cotir_jax.models.spec import ModelSpec
 
@@ -28,28 +28,35 @@ def _dense(spec: ModelSpec, rngs, i, o, axes):
 
 
 class CoTIRBlock(nnx.Module):
+  """A single-stream block (linear1 = [q | k | v | mlp-in], linear2 = [attention | mlp-out],
+  interleaved by head group as the backbone's) whose outputs are the text rows only."""
+
   def __init__(self, spec: ModelSpec, rngs):
     h = spec.hidden_size
-    self.hidden, self.num_heads, self.attention = h, spec.num_heads, spec.attention
-    self.mlp_hidden = int(h * spec.adapter_mlp_ratio)
-    self.linear1 = _dense(spec, rngs, h, 3 * h + self.mlp_hidden, ("embed", "mlp"))
-    self.linear2 = _dense(spec, rngs, h + self.mlp_hidden, h, ("mlp", "embed"))
+    self.num_heads, self.attention = spec.num_heads, spec.attention
+    self.layout = spec.adapter_linear1_layout
+    self.linear1 = _dense(spec, rngs, h, sum(self.layout.sizes), ("embed", "heads"))
+    self.linear2 = _dense(spec, rngs, sum(spec.adapter_linear2_layout.sizes), h,
+                          ("heads", "embed"))
     self.norm = QKNorm(spec.head_dim, param_dtype=spec.trainable_dtype)
     self.modulation = Modulation(h, double=False, use_bias=True, dtype=spec.dtype,
                                  param_dtype=spec.trainable_dtype, rngs=rngs)
 
   def __call__(self, x, img, vec, rope):
-    n_txt, h = x.shape[1], self.hidden
+    n_txt, layout = x.shape[1], self.layout
     sh, sc, g = self.modulation(vec)
     z = modulate(jnp.concatenate([x, img], axis=1), sh, sc)
-    z_txt = z[:, :n_txt]
-    q = self.linear1(z_txt, slice(0, h)).reshape(*z_txt.shape[:2], self.num_heads, -1)
-    k, v = split_heads(constrain(self.linear1(z, slice(h, 3 * h)), HIDDEN), 2, self.num_heads)
-    m = constrain(self.linear1(z_txt, slice(3 * h, None)), HIDDEN)
+    # q and the MLP input for the text rows, k and v for every row
+    q, m = layout.subset((0, 3)).split(constrain(
+        self.linear1(z[:, :n_txt], cols=lambda w: layout.take(w, (0, 3))), FUSED))
+    k, v = layout.subset((1, 2)).split(constrain(
+        self.linear1(z, cols=lambda w: layout.take(w, (1, 2))), FUSED))
+    q, k, v = (to_heads(t, self.num_heads) for t in (q, k, v))
     q, k = self.norm(q, k, v)
     cos, sin = rope
     a = attention(q, k, v, rope, self.attention, q_rope=(cos[:, :n_txt], sin[:, :n_txt]))
-    return x + g[:, None] * self.linear2(jnp.concatenate([a, gelu_tanh(m)], axis=-1))
+    a = a.reshape(*a.shape[:-1], layout.groups, -1)
+    return x + g[:, None] * self.linear2(FusedLayout.join([a, gelu_tanh(m)]))
 
 
 class CoTAdapter(nnx.Module):
@@ -85,4 +92,6 @@ class CoTAdapter(nnx.Module):
     residual = (x_deg * self.scale_degradation[...].astype(x_deg.dtype)
                 + x_sharp * self.scale_sharpness[...].astype(x_deg.dtype)
                 + x_plan * self.scale_planning[...].astype(x_deg.dtype))
-    return residual, scene, degradation, plan
+    # unsharded like the text stream it is added to (the heads' outputs may be split over
+    # `tensor`, which would otherwise spread into the stream and the blocks' inputs)
+    return constrain(residual, TOKENS), scene, degradation, plan

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cotir_jax.models.layers import (HIDDEN, TOKENS, Dense, LastLayer, MLPEmbedder, Modulation,
-                                     QKNorm, attention, gelu_tanh, modulate, rope_angles,
-                                     rope_cos_sin, scan_blocks, split_heads, stack_blocks, swiglu,
-                                     timestep_embedding)
+from cotir_jax.models.layers import (FUSED, HIDDEN, TOKENS, Dense, FusedLayout, LastLayer,
+                                     MLPEmbedder, Modulation, QKNorm, attention, gelu_tanh,
+                                     modulate, rope_angles, rope_cos_sin, scan_blocks, stack_blocks,
+                                     swiglu, timestep_embedding, to_heads)
 from cotir_jax.sharding import constrain
 from cotir_jax.models.spec import ModelSpec
 
@@ -33,26 +33,41 @@ def _dense(spec: ModelSpec, rngs, i, o, axes, lora=False, **kw):
                lora=spec.lora if lora else None, lora_dtype=spec.trainable_dtype, **kw)
 
 
+def mlp_act(parts: list[jax.Array]) -> jax.Array:
+  """The MLP activation of the split MLP input: SwiGLU of (gate, up) or GELU-tanh of one part."""
+  return swiglu(*parts) if len(parts) == 2 else gelu_tanh(parts[0])
+
+
 class SelfAttention(nnx.Module):
+  """qkv (columns head-major, `spec.qkv_layout`) → per-head QK-norm; proj takes [B, L, H·D]."""
+
   def __init__(self, spec: ModelSpec, rngs):
     h = spec.hidden_size
-    self.qkv = _dense(spec, rngs, h, 3 * h, ("embed", "mlp"))
+    self.layout, self.num_heads = spec.qkv_layout, spec.num_heads
+    self.qkv = _dense(spec, rngs, h, 3 * h, ("embed", "heads"))
     self.norm = QKNorm(spec.head_dim, param_dtype=spec.param_dtype)
-    self.proj = _dense(spec, rngs, h, h, ("mlp", "embed"))
+    self.proj = _dense(spec, rngs, h, h, ("heads", "embed"))
+
+  def __call__(self, x):
+    """q, k (normed), v [B, L, H, D] of the modulated tokens x."""
+    q, k, v = (to_heads(t, self.num_heads)
+               for t in self.layout.split(constrain(self.qkv(x), FUSED)))
+    q, k = self.norm(q, k, v)
+    return q, k, v
 
 
 class MLP(nnx.Module):
-  """FLUX.2: fc1 → SwiGLU (gate half first) → fc2; FLUX.1: fc1 → GELU-tanh → fc2."""
+  """FLUX.2: fc1 → SwiGLU → fc2; FLUX.1: fc1 → GELU-tanh → fc2. fc1's columns follow
+  `spec.mlp_in_layout` (gate and up interleaved by head group), fc2's rows the MLP width."""
 
   def __init__(self, spec: ModelSpec, rngs):
-    self.swiglu = spec.family == "flux2"
-    width = spec.mlp_hidden * (2 if self.swiglu else 1)
-    self.fc1 = _dense(spec, rngs, spec.hidden_size, width, ("embed", "mlp"))
+    self.layout = spec.mlp_in_layout
+    self.fc1 = _dense(spec, rngs, spec.hidden_size, sum(self.layout.sizes), ("embed", "mlp"))
     self.fc2 = _dense(spec, rngs, spec.mlp_hidden, spec.hidden_size, ("mlp", "embed"))
 
   def __call__(self, x):
-    h = constrain(self.fc1(x), HIDDEN)
-    return self.fc2(swiglu(h) if self.swiglu else gelu_tanh(h))
+    m = mlp_act(self.layout.split(constrain(self.fc1(x), HIDDEN)))
+    return self.fc2(m.reshape(*m.shape[:-2], -1))
 
 
 class DoubleStreamBlock(nnx.Module):
@@ -74,11 +89,9 @@ class DoubleStreamBlock(nnx.Module):
   def __call__(self, img, txt, vec, mod_img, mod_txt, rope):
     if self.img_mod is not None:
       mod_img, mod_txt = self.img_mod(vec), self.txt_mod(vec)
-    qkv = []
-    for x, attn, (sh, sc, _, _, _, _) in ((txt, self.txt_attn, mod_txt), (img, self.img_attn, mod_img)):
-      q, k, v = split_heads(attn.qkv(modulate(x, sh, sc)), 3, self.num_heads)
-      q, k = attn.norm(q, k, v)
-      qkv.append((q, k, v))
+    qkv = [attn(modulate(x, sh, sc))
+           for x, attn, (sh, sc, _, _, _, _) in ((txt, self.txt_attn, mod_txt),
+                                                 (img, self.img_attn, mod_img))]
     q, k, v = (jnp.concatenate(t, axis=1) for t in zip(*qkv))
     a = attention(q, k, v, rope, self.attention)
     n_txt = txt.shape[1]
@@ -94,15 +107,16 @@ class DoubleStreamBlock(nnx.Module):
 
 
 class SingleStreamBlock(nnx.Module):
-  """Parallel attention + MLP over [txt; img]: linear1 = [qkv | mlp-in], linear2 = [proj | mlp-out]."""
+  """Parallel attention + MLP over [txt; img]: linear1 = [qkv | mlp-in], linear2 = [proj | mlp-out],
+  both interleaved by head group (`spec.linear1_layout`, `spec.linear2_layout`)."""
 
   def __init__(self, spec: ModelSpec, rngs):
-    h, mh = spec.hidden_size, spec.mlp_hidden
-    self.hidden, self.num_heads, self.attention = h, spec.num_heads, spec.attention
-    self.swiglu = spec.family == "flux2"
-    self.linear1 = _dense(spec, rngs, h, 3 * h + mh * (2 if self.swiglu else 1), ("embed", "mlp"),
+    h = spec.hidden_size
+    self.num_heads, self.attention = spec.num_heads, spec.attention
+    self.layout = spec.linear1_layout
+    self.linear1 = _dense(spec, rngs, h, sum(self.layout.sizes), ("embed", "heads"), lora=True)
+    self.linear2 = _dense(spec, rngs, sum(spec.linear2_layout.sizes), h, ("heads", "embed"),
                           lora=True)
-    self.linear2 = _dense(spec, rngs, h + mh, h, ("mlp", "embed"), lora=True)
     self.norm = QKNorm(spec.head_dim, param_dtype=spec.param_dtype)
     self.modulation = (Modulation(h, double=False, use_bias=True, dtype=spec.dtype,
                                   param_dtype=spec.param_dtype, rngs=rngs, lora=spec.lora,
@@ -111,13 +125,12 @@ class SingleStreamBlock(nnx.Module):
 
   def __call__(self, x, vec, mod, rope):
     sh, sc, g = self.modulation(vec) if self.modulation is not None else mod
-    h = constrain(self.linear1(modulate(x, sh, sc)), HIDDEN)
-    q, k, v = split_heads(h[..., :3 * self.hidden], 3, self.num_heads)
+    q, k, v, *m = self.layout.split(constrain(self.linear1(modulate(x, sh, sc)), FUSED))
+    q, k, v = (to_heads(t, self.num_heads) for t in (q, k, v))
     q, k = self.norm(q, k, v)
     a = attention(q, k, v, rope, self.attention)
-    m = h[..., 3 * self.hidden:]
-    m = swiglu(m) if self.swiglu else gelu_tanh(m)
-    return x + g[:, None] * self.linear2(jnp.concatenate([a, m], axis=-1))
+    a = a.reshape(*a.shape[:-1], self.layout.groups, -1)
+    return x + g[:, None] * self.linear2(FusedLayout.join([a, mlp_act(m)]))
 
 
 @dataclasses.dataclass

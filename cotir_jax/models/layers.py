@@ -3,18 +3,23 @@
 Conventions (relied on by the converter tables and the sharding rules):
 - `Dense.kernel` is `[in, out]` (PyTorch's weight transposed), `Dense.bias` is `[out]`.
 - Every parameter carries logical axis names (`out_sharding` metadata, see `sharding.py`):
-  `embed` for the model width, `mlp` for widened / fused projection outputs, `layers` for the
-  stacked-block axis added by `stack_blocks`; small vectors stay unnamed (replicated).
+  `embed` for the model width, `heads` for attention projections' head-ordered columns / rows,
+  `mlp` for MLP widths, `layers` for the stacked-block axis added by `stack_blocks`; small
+  vectors stay unnamed (replicated).
+- Fused projections (q k v [+ MLP input] in one kernel) store their columns head-group-major
+  (`FusedLayout`), so a contiguous split over `tensor` gives every shard whole heads.
 - Matmuls run in the compute `dtype` with float32 accumulation; norms run in float32.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -25,7 +30,8 @@ Axes = tuple[str | None, ...]
 # Logical names of activations (mapped to mesh axes by the rule table in sharding.py).
 TOKENS = ("batch", "length", "act_embed")       # [B, L, width]
 HEADS = ("batch", "length", "act_heads", None)  # [B, L, H, D]
-HIDDEN = ("batch", "length", "act_mlp")         # [B, L, widened / fused projection]
+HIDDEN = ("batch", "length", "act_mlp")         # [B, L, widened projection (MLP input)]
+FUSED = ("batch", "length", "act_heads")        # [B, L, fused projection, grouped by head]
 IMAGE = ("batch", None, None, None)             # [B, H, W, C] (VAE)
 
 
@@ -44,6 +50,82 @@ def matmul(x: jax.Array, w: jax.Array, dtype, precision=None) -> jax.Array:
   """x @ w in the compute dtype with float32 accumulation; result in float32."""
   return jnp.matmul(x.astype(dtype), w.astype(dtype), precision=precision,
                     preferred_element_type=jnp.float32)
+
+
+# What checkpoints record (`fused_layout`) to say their fused projections follow `FusedLayout`;
+# one without it was written when the parts lay side by side (the reference order).
+FUSED_LAYOUT = "head_groups"
+
+
+def fused_groups(num_heads: int, mlp_hidden: int) -> int:
+  """Head groups of a block's fused projections: the most that split both the heads and the
+  MLP width evenly (every head of FLUX.2-klein, FLUX.1 and the CoT adapter is its own group)."""
+  return math.gcd(num_heads, mlp_hidden)
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedLayout:
+  """Column order of a fused projection whose reference (BFL / diffusers / upstream) layout is
+  its parts side by side, e.g. single-block linear1 = [q | k | v | gate | up].
+
+  Ours interleaves the parts by head group: [q_0 k_0 v_0 gate_0 up_0 | q_1 k_1 v_1 ...], each
+  part cut into `groups` equal chunks (group g of q, k, v = the heads g·H/G … (g+1)·H/G − 1;
+  of gate / up = the matching MLP columns). Why: tensor parallelism splits an axis into
+  contiguous blocks; in this order any split into a divisor of `groups` gives each shard whole
+  heads of q, k, v with their own gate / up columns, so attention and the MLP run shard-locally
+  and the only collective is the row-parallel output projection's reduction (Megatron's), where
+  the reference order would give one shard q and the other k and v, resharded in every block.
+  The same holds for the rows of the output projection that takes [attention | MLP].
+  The converters apply `from_parts` on import and `to_parts` on export.
+  """
+  sizes: tuple[int, ...]
+  groups: int
+
+  def __post_init__(self):
+    if any(s % self.groups for s in self.sizes):
+      raise ValueError(f"fused parts {self.sizes} do not split into {self.groups} head groups")
+
+  def from_parts(self, x, axis: int = -1, xp=jnp):
+    """Reference order (parts side by side along `axis`) → ours (interleaved by head group)."""
+    x = xp.moveaxis(x, axis, -1)
+    cuts = np.cumsum(self.sizes)[:-1]
+    chunks = [p.reshape(*p.shape[:-1], self.groups, -1) for p in xp.split(x, cuts, axis=-1)]
+    x = xp.concatenate(chunks, axis=-1)
+    return xp.moveaxis(x.reshape(*x.shape[:-2], -1), -1, axis)
+
+  def to_parts(self, x, axis: int = -1, xp=jnp):
+    """Ours → reference order: the inverse of `from_parts`."""
+    x = xp.moveaxis(x, axis, -1)
+    x = x.reshape(*x.shape[:-1], self.groups, -1)
+    cuts = np.cumsum([s // self.groups for s in self.sizes])[:-1]
+    parts = [p.reshape(*p.shape[:-2], -1) for p in xp.split(x, cuts, axis=-1)]
+    return xp.moveaxis(xp.concatenate(parts, axis=-1), -1, axis)
+
+  def split(self, x: jax.Array) -> list[jax.Array]:
+    """[..., sum(sizes)] → one [..., groups, size / groups] per part."""
+    x = x.reshape(*x.shape[:-1], self.groups, -1)
+    cuts = np.cumsum([s // self.groups for s in self.sizes])[:-1]
+    return jnp.split(x, cuts, axis=-1)
+
+  @staticmethod
+  def join(parts: Sequence[jax.Array]) -> jax.Array:
+    """The inverse of `split`: [..., groups, size_i / groups] parts → [..., sum(sizes)]."""
+    x = jnp.concatenate(parts, axis=-1)
+    return x.reshape(*x.shape[:-2], -1)
+
+  def take(self, x: jax.Array, parts: Sequence[int]) -> jax.Array:
+    """The columns (last axis) of `parts` only, still interleaved by group: what
+    `Dense(cols=...)` computes, laid out as `subset(parts)`."""
+    chunks = self.split(x)
+    return self.join([chunks[i] for i in parts])
+
+  def subset(self, parts: Sequence[int]) -> "FusedLayout":
+    return FusedLayout(tuple(self.sizes[i] for i in parts), self.groups)
+
+
+def to_heads(x: jax.Array, num_heads: int) -> jax.Array:
+  """[..., groups, (heads per group)·D] (a part of `FusedLayout.split`) → [..., H, D]."""
+  return x.reshape(*x.shape[:-2], num_heads, -1)
 
 
 class LoRA(nnx.Module):
@@ -94,12 +176,14 @@ class Dense(nnx.Module):
                       out_axis=axes[1], param_dtype=lora_dtype or param_dtype, dtype=dtype,
                       rngs=rngs, bias=lora.bias) if lora is not None else None)
 
-  def __call__(self, x: jax.Array, cols: slice | None = None) -> jax.Array:
-    """y = x W + b; `cols` computes only a slice of the outputs (no LoRA then)."""
+  def __call__(self, x: jax.Array, cols: Callable[[jax.Array], jax.Array] | None = None
+               ) -> jax.Array:
+    """y = x W + b; `cols` computes only some outputs: it picks them from the last axis of the
+    kernel and the bias (e.g. `FusedLayout.take`); no LoRA then."""
     kernel, bias = self.kernel[...], None if self.bias is None else self.bias[...]
     if cols is not None:
-      assert self.lora is None, "column slices of a LoRA layer are not supported"
-      kernel, bias = kernel[:, cols], None if bias is None else bias[cols]
+      assert self.lora is None, "column subsets of a LoRA layer are not supported"
+      kernel, bias = cols(kernel), None if bias is None else cols(bias)
     y = matmul(x, kernel, self.dtype, self.precision)
     if bias is not None:
       y = y + bias.astype(jnp.float32)
@@ -251,20 +335,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, rope: tuple[jax.Array, j
   return checkpoint_name(constrain(out.reshape(*out.shape[:2], -1), HIDDEN), ATTENTION_OUT)
 
 
-def split_heads(x: jax.Array, parts: int, num_heads: int) -> list[jax.Array]:
-  """Splits a fused "(K H D)" projection [B, L, K·H·D] into K tensors [B, L, H, D]."""
-  b, l, _ = x.shape
-  x = x.reshape(b, l, parts, num_heads, -1)
-  return [x[:, :, i] for i in range(parts)]
-
-
 def gelu_tanh(x: jax.Array) -> jax.Array:
   return jax.nn.gelu(x, approximate=True)
 
 
-def swiglu(x: jax.Array) -> jax.Array:
-  a, b = jnp.split(x, 2, axis=-1)
-  return jax.nn.silu(a) * b
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  return jax.nn.silu(gate) * up
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -273,7 +349,11 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 class Modulation(nnx.Module):
-  """`lin(SiLU(vec))` chunked into 3 (single) or 6 (double) [B, H] vectors: (shift, scale, gate)…"""
+  """`lin(SiLU(vec))` chunked into 3 (single) or 6 (double) [B, H] vectors: (shift, scale, gate)…
+
+  `lin`'s columns may be split over `tensor`; its small output is gathered whole (pinned
+  unsharded) so that each chunk modulates the unsharded token stream without resharding it.
+  """
 
   def __init__(self, dim: int, *, double: bool, use_bias: bool, dtype, param_dtype, rngs,
                lora=None, lora_dtype=None):
@@ -282,7 +362,7 @@ class Modulation(nnx.Module):
                      param_dtype=param_dtype, rngs=rngs, lora=lora, lora_dtype=lora_dtype)
 
   def __call__(self, vec: jax.Array) -> list[jax.Array]:
-    return jnp.split(self.lin(jax.nn.silu(vec)), self.parts, axis=-1)
+    return jnp.split(constrain(self.lin(jax.nn.silu(vec)), ("batch", None)), self.parts, axis=-1)
 
 
 class MLPEmbedder(nnx.Module):
@@ -310,7 +390,8 @@ class LastLayer(nnx.Module):
                         param_dtype=param_dtype, rngs=rngs, lora=lora, lora_dtype=lora_dtype)
 
   def __call__(self, x, vec):
-    shift, scale = jnp.split(self.adaLN_modulation(jax.nn.silu(vec)), 2, axis=-1)
+    shift, scale = jnp.split(constrain(self.adaLN_modulation(jax.nn.silu(vec)), ("batch", None)),
+                             2, axis=-1)
     return self.linear(modulate(x, shift, scale))
 
 

@@ -7,7 +7,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from cotir_jax.models.attention import AttentionSpec
-from cotir_jax.models.layers import dtype_of
+from cotir_jax.models.layers import FusedLayout, dtype_of, fused_groups
 
 # `mixed_precision` (accelerate's names) → the dtype matmuls take their inputs in
 COMPUTE_DTYPES = {"bf16": jnp.bfloat16, "no": jnp.float32}
@@ -64,6 +64,48 @@ class ModelSpec:
   @property
   def use_bias(self) -> bool:
     return self.family == "flux1"
+
+  @property
+  def adapter_mlp_hidden(self) -> int:
+    return int(self.hidden_size * self.adapter_mlp_ratio)
+
+  # Column layouts of the fused projections (their reference order and head groups), shared
+  # by the modules and the converter tables.
+  @property
+  def qkv_layout(self) -> FusedLayout:
+    """Double blocks' `qkv`: [q | k | v]."""
+    h = self.hidden_size
+    return FusedLayout((h, h, h), fused_groups(self.num_heads, self.mlp_hidden))
+
+  @property
+  def mlp_in_layout(self) -> FusedLayout:
+    """Double blocks' MLP `fc1`: FLUX.2 [gate | up] (SwiGLU), FLUX.1 one part (GELU)."""
+    mh = self.mlp_hidden
+    return FusedLayout((mh, mh) if self.family == "flux2" else (mh,),
+                       fused_groups(self.num_heads, mh))
+
+  @property
+  def linear1_layout(self) -> FusedLayout:
+    """Single blocks' `linear1`: [q | k | v | MLP input (FLUX.2: gate | up)]."""
+    h = self.hidden_size
+    return FusedLayout((h, h, h) + self.mlp_in_layout.sizes, self.mlp_in_layout.groups)
+
+  @property
+  def linear2_layout(self) -> FusedLayout:
+    """Single blocks' `linear2` rows: [attention | MLP]."""
+    return FusedLayout((self.hidden_size, self.mlp_hidden), self.mlp_in_layout.groups)
+
+  @property
+  def adapter_linear1_layout(self) -> FusedLayout:
+    """CoT-adapter blocks' `linear1`: [q | k | v | MLP input (GELU)]."""
+    h, mh = self.hidden_size, self.adapter_mlp_hidden
+    return FusedLayout((h, h, h, mh), fused_groups(self.num_heads, mh))
+
+  @property
+  def adapter_linear2_layout(self) -> FusedLayout:
+    """CoT-adapter blocks' `linear2` rows: [attention | MLP]."""
+    h, mh = self.hidden_size, self.adapter_mlp_hidden
+    return FusedLayout((h, mh), fused_groups(self.num_heads, mh))
 
   @classmethod
   def from_config(cls, m, platform: str | None = None) -> "ModelSpec":

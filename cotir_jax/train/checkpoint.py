@@ -19,6 +19,11 @@ The state is stored as a nested dict keyed by the pytree's path names, so restor
 a target with the same structure: abstract `jax.ShapeDtypeStruct`s carrying the target
 shardings (or concrete arrays, whose shardings are used); arrays land directly in them.
 
+Fused projections: the meta records `fused_layout` (their columns grouped by head,
+`models.layers.FusedLayout`); a checkpoint written before, whose parts lay side by side, is
+converted as it is restored (parameters and the optimizer moments that mirror them), so a run
+started then resumes.
+
 Resuming with another config: `check_config(latest_meta(workdir), cfg)` reads the config stored
 with the newest checkpoint (the meta item alone: no state target, no Orbax manager) and, before
 Orbax sees a state, fails with every changed field that defines the checkpoint
@@ -43,9 +48,11 @@ import re
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cotir_jax.models.layers import FUSED_LAYOUT
 from cotir_jax.train.workdir import WorkdirError
 
 # Config fields that define what a checkpoint holds: compat and every model field (architecture,
@@ -231,6 +238,26 @@ def _abstract(x):
   return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
 
 
+def _regroup_side_by_side(names, leaves, source: str) -> list:
+  """The restored leaves of a checkpoint written before the fused projections were grouped by
+  head, in our layout (`convert.cotir.regroup_side_by_side`), in their shardings."""
+  from cotir_jax.convert import cotir
+  paths = [".".join(n) for n in names]
+  params = {p[len("params."):]: x for p, x in zip(paths, leaves) if p.startswith("params.")}
+  params = {(p[:-len(".value")] if p.endswith(".value") else p): x for p, x in params.items()}
+  if "cot_adapter.decoder.linear1.kernel" not in params:
+    return leaves  # not a CoTIR training state
+  spec = cotir.spec_of_trainable(params, source)
+  arrays = {p: x for p, x in zip(paths, leaves) if not _is_key(x)}
+  # donated: the arrays left as they are alias their inputs, the others replace them
+  arrays = jax.jit(lambda a: cotir.regroup_side_by_side(a, spec, jnp), donate_argnums=0,
+                   out_shardings={p: x.sharding for p, x in arrays.items()})(arrays)
+  if jax.process_index() == 0:
+    print(f"cotir_jax: {source} was written before the fused projections were grouped by head; "
+          "converted as restored", flush=True)
+  return [arrays.get(p, x) for p, x in zip(paths, leaves)]
+
+
 class Checkpointer:
   """Save / restore / retention of training state in `<workdir>/checkpoints/`."""
 
@@ -280,7 +307,7 @@ class Checkpointer:
         x = jax.random.key_data(x)
       arrays[n] = x
     meta = {"step": int(step), "rng_impls": keys, "data_state": None, "config": None,
-            "extra": extra or {}}
+            "extra": extra or {}, "fused_layout": FUSED_LAYOUT}
     if isinstance(data_state, (bytes, bytearray)):
       meta["data_state"] = {"__bytes_b64__": base64.b64encode(bytes(data_state)).decode()}
     else:
@@ -330,6 +357,8 @@ class Checkpointer:
         impl = meta["rng_impls"].get("/".join(n), "threefry2x32")
         value = jax.random.wrap_key_data(value, impl=impl)
       restored.append(value)
+    if meta.get("fused_layout") != FUSED_LAYOUT:
+      restored = _regroup_side_by_side(names, restored, f"{self.directory}/{step}")
     data_state = meta.get("data_state")
     if isinstance(data_state, dict) and "__bytes_b64__" in data_state:
       data_state = base64.b64decode(data_state["__bytes_b64__"])
