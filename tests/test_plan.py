@@ -51,9 +51,18 @@ def test_plan_and_search_for_v5e(tmp_path, capsys):
   ((p,),) = [t["stages"] for t in result["plans"]]
   assert p["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and p["verdict"] == "fits"
   assert 0 < p["memory_gib"]["peak"] < 1 and p["memory_gib"]["trainable weights"] > 0
-  # FLOPs from the compiled per-chip program with loop trip counts = the closed form
-  assert p["tflop_per_sample"] == pytest.approx(p["analytic_tflop_per_sample"], rel=0.05)
-  assert p["step_time_s_at_mfu"] > 0 and p["compile_s"] > 0
+  # FLOPs from the compiled per-chip program with loop trip counts = the closed form; without
+  # remat the program executes the model FLOPs (hfu's numerator = mfu's)
+  assert p["executed_tflop_per_sample"] == pytest.approx(
+      p["analytic_executed_tflop_per_sample"], rel=0.05)
+  assert p["model_tflop_per_sample"] == pytest.approx(p["analytic_executed_tflop_per_sample"])
+  assert p["compile_s"] > 0
+  # XLA's cost-model time of the recommended setting (compiled once more, unrolled)
+  assert "XLA's cost model, not a measurement: step" in out
+  assert p["est_step_s"] > 0 and 0 < p["est_mfu"] < 1
+  assert p["est_hfu"] == pytest.approx(p["est_mfu"], rel=0.05)
+  assert sum(p["est_shares"].values()) == pytest.approx(1.0)
+  assert min(p["est_shares"], key=lambda k: -p["est_shares"][k]) in ("backbone", "vae", "adapter")
 
 
 def test_out_of_memory_prunes_the_search():

@@ -35,8 +35,9 @@ CLIP_LENGTH = 77  # CLIP's context, as upstream tokenizes it (spec §9.4)
 def _encoders_from_config(cfg, rngs) -> dict:
   m = cfg.model
   enc = dict(dtype=dtype_of(m.encoder_dtype), param_dtype=dtype_of(m.encoder_dtype), rngs=rngs)
-  return {"vae": build_vae(m.vae, **enc), "text": build_text_encoder(m.text_encoder, **enc),
-          "clip": build_text_encoder(m.clip, **enc) if "clip" in m else None}
+  text = dict(enc, scan=bool(m.scan_layers))
+  return {"vae": build_vae(m.vae, **enc), "text": build_text_encoder(m.text_encoder, **text),
+          "clip": build_text_encoder(m.clip, **text) if "clip" in m else None}
 
 
 def _encoders_from_base(cfg) -> dict:
@@ -46,7 +47,8 @@ def _encoders_from_base(cfg) -> dict:
   out = {}
   for ours, theirs in BASE_NAMES.items():
     if theirs in present:
-      build, _ = module_builder(path, theirs, dtype=dt, compute_dtype=dt)
+      build, _ = module_builder(path, theirs, dtype=dt, compute_dtype=dt,
+                                scan=bool(cfg.model.scan_layers))
       out[ours] = nnx.eval_shape(build)
     else:
       out[ours] = None
