@@ -342,6 +342,9 @@ def main(argv=None) -> int:
 
   results = {"topology": tgt.name, "chips": len(tgt.devices), "plans": []}
   estimate = args.estimate and tgt.devices[0].platform == "tpu"  # XLA's TPU cost model
+  if estimate:
+    from cotir_jax.perf import cost_model
+    results["est_step_s"] = cost_model.LABEL + ": optimal_seconds of the step, loops unrolled"
   if not args.search:
     for s in stages:
       p = plan_stage(cfg, tgt, s)
