@@ -10,11 +10,11 @@ HBM, FLOPs per sample (model FLOPs, the numerator of mfu, in closed form; execut
 of hfu, from the compiled HLO with loop trip counts, next to their closed form), compile time and
 a verdict. Running out of memory at compile time is a result ("out of memory"), not a crash.
 
-For a TPU topology it also asks XLA's TPU cost model how long the step takes (`est_step_s`,
-the `optimal_seconds` of the step compiled once more with its loops unrolled: one more compile
-per stage, `--no-estimate` skips it), the mfu and hfu that time implies, and each part's share
-of it (backbone, adapter, text encoders, VAE, optimizer...). XLA's cost model, not a
-measurement: `cotir_jax.perf.cost_model`.
+For a TPU topology it also asks XLA's TPU cost model how long the step takes (`est_step_s`:
+the `optimal_seconds` of the step compiled with its loops unrolled, the deep stacks 1 and 2
+blocks deep and extrapolated, which takes three more compiles; `--no-estimate` skips them), the
+mfu and hfu that time implies, and each part's share of it (backbone, adapter, text encoders,
+VAE, optimizer...). XLA's cost model, not a measurement: `cotir_jax.perf.cost_model`.
 
 `--search` tries mesh layouts (data / fsdp / tensor), remat policies and gradient-accumulation
 factors in order of expected throughput (fewest FLOPs per sample, then least tensor parallelism
@@ -129,8 +129,9 @@ def _oom_used(message: str) -> float | None:
   return float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " ")
 
 
-def plan_stage(cfg, tgt: Target, stage: int) -> StagePlan:
-  """Compiles one stage's step for the target and measures it."""
+def plan_stage(cfg, tgt: Target, stage: int, estimate: bool = False) -> StagePlan:
+  """Compiles one stage's step for the target and measures it; `estimate`: XLA's cost-model
+  time too, if it fits (three more compiles)."""
   from cotir_jax.perf import closed_form, utilization
   from cotir_jax.train.program import Program
   t = cfg.training
@@ -181,24 +182,34 @@ def plan_stage(cfg, tgt: Target, stage: int) -> StagePlan:
     verdict = "fits"
   unresolved = count.executed.unresolved
   note = "" if not unresolved else "not counted exactly: " + "; ".join(unresolved)
-  return StagePlan(mesh=mesh, verdict=verdict, memory_gib={k: v / GIB for k, v in parts.items()},
-                   executed_tflop_per_sample=count.executed.global_total / batch / 1e12,
-                   executed_tflop_per_device_step=count.executed_per_device / 1e12, **tflop,
-                   compile_s=compile_s, note=note, **base)
+  p = StagePlan(mesh=mesh, verdict=verdict, memory_gib={k: v / GIB for k, v in parts.items()},
+                executed_tflop_per_sample=count.executed.global_total / batch / 1e12,
+                executed_tflop_per_device_step=count.executed_per_device / 1e12, **tflop,
+                compile_s=compile_s, note=note, **base)
+  if estimate and verdict in ("fits", "tight"):
+    estimate_stage(cfg, tgt, p)
+  return p
 
 
 def estimate_stage(cfg, tgt: Target, p: StagePlan) -> None:
-  """Fills in XLA's cost-model time of the stage's step (its loops unrolled: one more compile)
-  and the mfu / hfu it implies; a compile that fails leaves the reason in `est_note`."""
+  """Fills in XLA's cost-model time of the stage's step (unrolled; `perf.cost_model`: three
+  more compiles) and the mfu / hfu it implies; a compile that fails leaves the reason in
+  `est_note`."""
   from cotir_jax.perf import cost_model
   from cotir_jax.train.program import Program
+
+  def compile_step(c):
+    return Program.build(c, devices=tgt.devices).lower(p.stage).compile()
+
+  t0 = time.perf_counter()
   try:
-    prog = Program.build(cost_model.unrolled(cfg), devices=tgt.devices)
-    est = cost_model.estimate(prog.lower(p.stage).compile())
-  except Exception as e:  # out of memory unrolled, or no cost model for these devices
+    est = cost_model.estimate(compile_step, cfg)
+  except Exception as e:  # out of memory even shallow, or no cost model for these devices
     p.est_note = f"no estimate: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
     return
-  p.est_step_s, p.est_shares, p.est_note = est.step_s, est.shares, est.note
+  p.est_step_s, p.est_shares = est.step_s, est.shares
+  p.est_note = "; ".join(filter(None, [f"{time.perf_counter() - t0:.0f} s of compiles",
+                                       est.note]))
   if est.step_s and tgt.peak_flops:
     per_sample = 1e12 * p.global_batch / (est.step_s * tgt.peak_flops * len(tgt.devices))
     p.est_mfu = p.model_tflop_per_sample * per_sample
@@ -309,8 +320,7 @@ def _parser() -> argparse.ArgumentParser:
                            "v6e:2x4, v4:2x2x1) or 'local' for this machine's devices")
   parser.add_argument("--stage", default="all", help="a stage index or 'all' (default)")
   parser.add_argument("--no-estimate", dest="estimate", action="store_false",
-                      help="skip XLA's cost-model step time (one more compile per stage, of the "
-                           "step with its loops unrolled)")
+                      help="skip XLA's cost-model step time (three more compiles per stage)")
   parser.add_argument("--search", action="store_true",
                       help="find the fastest mesh / remat / accumulation that fits with ≥10%% "
                            "headroom")
@@ -344,12 +354,11 @@ def main(argv=None) -> int:
   estimate = args.estimate and tgt.devices[0].platform == "tpu"  # XLA's TPU cost model
   if estimate:
     from cotir_jax.perf import cost_model
-    results["est_step_s"] = cost_model.LABEL + ": optimal_seconds of the step, loops unrolled"
+    results["est_step_s"] = (cost_model.LABEL + ": optimal_seconds of the step compiled for the "
+                             "topology with its loops unrolled")
   if not args.search:
     for s in stages:
-      p = plan_stage(cfg, tgt, s)
-      if estimate and p.verdict in ("fits", "tight"):
-        estimate_stage(cfg, tgt, p)
+      p = plan_stage(cfg, tgt, s, estimate)
       print(_row(p), flush=True)
       results["plans"].append(dataclasses.asdict(p))
     ok = all(p["verdict"] == "fits" for p in results["plans"])
@@ -382,7 +391,7 @@ def main(argv=None) -> int:
             pruned.append((remat, fsdp, max(accum + 1, accumulation_needed(p) / 2)))
           break
       ok = all(p.verdict == "fits" for p in plans) and len(plans) == len(order)
-      if ok and estimate:  # the recommended setting only: one more compile per stage
+      if ok and estimate:  # the recommended setting only: three more compiles per stage
         for p in plans:
           estimate_stage(trial, tgt, p)
           print("\n".join([f"stage {p.stage}:"] + _estimate_lines(p)), flush=True)

@@ -38,6 +38,8 @@ def test_plan_and_search_for_v5e(tmp_path, capsys):
   _tpu_or_skip()
   args = ["--config", os.path.join(REPO, "configs/tiny.py"), "--topology", "v5e:2x2",
           "--stage", "0", "--config.training.batch_sizes=(8,4)", "--search",
+          # one-block stacks: XLA's estimate needs no depth extrapolation (one compile)
+          "--config.model.depth_single_blocks=1", "--config.model.cot_adapter.depth=1",
           "--json", str(tmp_path / "plan.json")]
   assert plan.main(args) == 0
   out = capsys.readouterr().out
@@ -58,11 +60,12 @@ def test_plan_and_search_for_v5e(tmp_path, capsys):
   assert p["model_tflop_per_sample"] == pytest.approx(p["analytic_executed_tflop_per_sample"])
   assert p["compile_s"] > 0
   # XLA's cost-model time of the recommended setting (compiled once more, unrolled)
+  assert result["est_step_s"].startswith("XLA's cost model, not a measurement")
   assert "XLA's cost model, not a measurement: step" in out
   assert p["est_step_s"] > 0 and 0 < p["est_mfu"] < 1
   assert p["est_hfu"] == pytest.approx(p["est_mfu"], rel=0.05)
   assert sum(p["est_shares"].values()) == pytest.approx(1.0)
-  assert min(p["est_shares"], key=lambda k: -p["est_shares"][k]) in ("backbone", "vae", "adapter")
+  assert max(p["est_shares"], key=p["est_shares"].get) in ("backbone", "vae", "adapter")
 
 
 def test_out_of_memory_prunes_the_search():

@@ -34,8 +34,8 @@ finds 64.9 (`closed_form.analytic_flops`: 64.8); a utilisation built on it is wr
   that is real work on each chip. `global_total` = per device × devices (`num_partitions` ×
   `replica_count` of the module).
 
-`walk(module, measure)` is the same traversal for any per-op quantity (`perf.cost_model` sums
-XLA's per-op cycle estimates with it).
+`walk(module, measure, wants)` is the same traversal for any per-op quantity (`perf.cost_model`
+sums XLA's per-op cycle estimates with it).
 """
 
 from __future__ import annotations
@@ -155,9 +155,13 @@ class Module:
 
 def _instruction_lines(lines):
   """Joins an instruction that spans lines (a kernel's `frontend_attributes` can hold
-  newlines) into one line: it continues while its braces are unbalanced."""
+  newlines) into one line: it continues while its braces are unbalanced, up to the next
+  instruction or the end of the computation."""
   pending = None
   for line in lines:
+    if pending is not None and (_LHS.match(line) or line.strip() == "}"):
+      yield pending
+      pending = None
     if pending is not None:
       pending += line
     elif _LHS.match(line) and line.count("{") > line.count("}"):
