@@ -88,7 +88,10 @@ class FlopCount:
 
 
 def classify(op_name: str) -> tuple[str, str]:
-  """(component, kind) of an op from its metadata op_name (see the module docstring)."""
+  """(component, kind) of an op from its metadata op_name: the innermost of `COMPONENTS` among
+  the path's scopes ("other" if none); "remat" when the path holds `rematted_computation` (what
+  `jax.checkpoint` recomputes), else "backward" when it holds `transpose(` (the VJP), else
+  "forward"."""
   segments = op_name.split("/")
   component = "other"
   for seg in segments:
