@@ -66,7 +66,8 @@ SMOKE_LIMITS_S = {"train": 900, "attention": 300, "step": 900}  # a CPU compiles
 STEP_4B = ["--config", "configs/cotir_4b.py", "--stage", "3", "--batch", "4", "--steps", "5",
            "--warmup", "2", "--no-full", "--parity-tol", "5e-2",
            "--config.model.depth=2", "--config.model.depth_single_blocks=4",
-           "--config.model.cot_adapter.depth=2", "--config.model.text_encoder.hidden_layers=(1,2,3)",
+           "--config.model.cot_adapter.depth=2",
+           "--config.model.text_encoder.hidden_layers=(1,2,3)",
            "--config.model.text_encoder.num_hidden_layers=3"]
 STEP_SMOKE = ["--config", "configs/tiny.py", "--stage", "0", "--steps", "1", "--warmup", "0",
               "--no-full", "--no-compile"]

@@ -17,8 +17,9 @@ machine load); warm-up steps are excluded and the median step time is reported, 
 the ratio against torch eager, mfu and hfu (`cotir_jax.perf.utilization`: model FLOPs in closed
 form, the same for every implementation, and the FLOPs each one executes — the HLO walk of our
 compiled step, `torch.utils.flop_counter` on one eager torch step for both torch rows — over the
-peak: the device table, or on CPUs a measured float32 matmul peak) and peak memory (CPU: the process's peak RSS during each
-implementation's steps, reset before every step through /proc/self/clear_refs; GPU:
+peak: the device table, or on CPUs a measured float32 matmul peak) and peak memory (CPU: the
+process's peak RSS during each implementation's steps, reset before every step through
+/proc/self/clear_refs; GPU:
 `torch.cuda.max_memory_allocated` / JAX `memory_stats()["peak_bytes_in_use"]`).
 
   python benchmarks/step_throughput.py                          # wide FLUX.2 config on the CPU

@@ -144,9 +144,10 @@ def plan_stage(cfg, tgt: Target, stage: int, estimate: bool = False) -> StagePla
   except ValueError as e:  # a mesh that does not divide the batch: a result of the search
     return StagePlan(mesh={}, verdict="error", note=str(e), **base)
   mesh = dict(prog.mesh.shape)
-  tflop = dict(model_tflop_per_sample=utilization.model_flops(cfg, patch, batch).total / batch / 1e12,
-               analytic_executed_tflop_per_sample=closed_form.analytic_flops(
-                   cfg, patch, batch).total / batch / 1e12)
+  per_sample = lambda count: count.total / batch / 1e12
+  tflop = dict(model_tflop_per_sample=per_sample(utilization.model_flops(cfg, patch, batch)),
+               analytic_executed_tflop_per_sample=per_sample(
+                   closed_form.analytic_flops(cfg, patch, batch)))
   parts = {"frozen weights": prog.bytes_per_device(prog.frozen),
            "trainable weights": prog.bytes_per_device(prog.state["params"]),
            "optimizer state": prog.bytes_per_device(prog.state["opt_state"]),

@@ -227,11 +227,12 @@ def test_splash_kernels_counted_from_their_shapes_on_tpu(tpu_devices):
 def test_cudnn_kernels_counted_from_their_shapes():
   """cuDNN flash attention (GPU): forward 2 matmuls, backward 5 (dP, dQ, dK, dV and the
   recomputed scores); the key length is the dim of k its dot dimension numbers leave free."""
-  dims = lambda lb, lc, rb, rc: (f'{{"lhs_contracting_dimensions":["{lc}"],'
-                                 f'"rhs_contracting_dimensions":["{rc}"],"lhs_batch_dimensions":'
-                                 f'["{lb[0]}","{lb[1]}"],"rhs_batch_dimensions":["{rb[0]}","{rb[1]}"]}}')
+  dims = lambda lb, lc, rb, rc: (
+      f'{{"lhs_contracting_dimensions":["{lc}"],"rhs_contracting_dimensions":["{rc}"],'
+      f'"lhs_batch_dimensions":["{lb[0]}","{lb[1]}"],"rhs_batch_dimensions":["{rb[0]}","{rb[1]}"]}}')
   btnh = dims((0, 2), 3, (0, 2), 3)
-  fwd = f'"bmm1_dot_dimension_numbers":{btnh},"bmm2_dot_dimension_numbers":{dims((0, 1), 3, (0, 2), 1)}'
+  fwd = (f'"bmm1_dot_dimension_numbers":{btnh},'
+         f'"bmm2_dot_dimension_numbers":{dims((0, 1), 3, (0, 2), 1)}')
   bwd = (f'"bmm1_grad_gemm1_dot_dimension_numbers":{dims((0, 1), 2, (0, 2), 1)},'
          f'"bmm2_grad_gemm2_dot_dimension_numbers":{btnh}')
   text = f"""HloModule m
