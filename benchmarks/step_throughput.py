@@ -14,9 +14,12 @@ gradient norm from the same draws. Our full step (encoders included) is timed as
 
 Implementations run interleaved, one step each per round, in one process (both see the same
 machine load); warm-up steps are excluded and the median step time is reported, with samples/s,
-the ratio against torch eager, MFU (analytic model FLOPs over the peak: the device table, or on
-CPUs a measured float32 matmul peak) and peak memory (CPU: the process's peak RSS during each
-implementation's steps, reset before every step through /proc/self/clear_refs; GPU:
+the ratio against torch eager, mfu and hfu (`cotir_jax.perf.utilization`: model FLOPs in closed
+form, the same for every implementation, and the FLOPs each one executes — the HLO walk of our
+compiled step, `torch.utils.flop_counter` on one eager torch step for both torch rows — over the
+peak: the device table, or on CPUs a measured float32 matmul peak) and peak memory (CPU: the
+process's peak RSS during each implementation's steps, reset before every step through
+/proc/self/clear_refs; GPU:
 `torch.cuda.max_memory_allocated` / JAX `memory_stats()["peak_bytes_in_use"]`).
 
   python benchmarks/step_throughput.py                          # wide FLUX.2 config on the CPU
@@ -331,6 +334,16 @@ class Torch:
                     values))
 
 
+def torch_executed_flops(impl) -> float:
+  """Matmul + convolution FLOPs one eager torch step executes (`torch.utils.flop_counter`,
+  which counts an SDPA backward as 5 matmuls, the recomputed scores included); the step runs
+  once more, uncounted by the timing."""
+  from torch.utils.flop_counter import FlopCounterMode
+  with FlopCounterMode(display=False) as counter:
+    impl.step()
+  return float(counter.get_total_flops())
+
+
 # --------------------------------------------------------------------------- driver
 
 def step_zero_draws(cfg, rng, x_1):
@@ -355,7 +368,9 @@ def main(argv=None):
   import numpy as np
   import torch
   sys.path.insert(0, str(Path(__file__).resolve().parent))
-  from cotir_jax import flops, latents
+  from cotir_jax import latents
+  from cotir_jax.perf import chips, hlo, utilization
+  from cotir_jax.train import objective as obj
   from cotir_jax.train.program import Program
   torch.set_num_threads(args.threads)
   # XLA's CPU code flushes denormal results to zero; torch does not by default, and the tiny
@@ -454,30 +469,32 @@ def main(argv=None):
     print(f"round {r}: " + ", ".join(f"{n} {v[-1]:.3f} s" for n, v in times.items() if v)
           + ("" if r >= args.warmup else " (warm-up)"), flush=True)
 
-  count = flops.analytic_flops(cfg, patch, batch)
+  count = utilization.model_flops(cfg, patch, batch)
   encoders = sum(count.get(c) for c in ("vae", "text_encoder", "clip"))
-  model_flops = count.total - count.by_kind().get("remat", 0.0)  # MFU counts no recomputation
-  peak = flops.device_peak_flops(dev, t_cfg.peak_tflops)
+  peak = chips.device_peak_flops(dev, t_cfg.peak_tflops)
   peak_note = "device table"
   if peak is None:
-    peak, peak_note = flops.measured_peak_flops(dev), "measured float32 matmul (jax)"
+    peak, peak_note = chips.measured_peak_flops(dev), "measured float32 matmul (jax)"
+  executed = {i.name: hlo.hlo_flops(i.compiled).total for i in impls if hasattr(i, "compiled")}
+  executed["torch_eager"] = executed["torch_compile"] = torch_executed_flops(impls[1])
   eager = statistics.median(times["torch_eager"])
   results = {}
   for impl in impls:
     med = statistics.median(times[impl.name])
-    work = model_flops - (0 if impl.name == "jax_full" else encoders)
+    work = count.total - (0 if impl.name == "jax_full" else encoders)
+    done = executed[impl.name]
     results[impl.name] = {
         "median_step_s": round(med, 4), "min_step_s": round(min(times[impl.name]), 4),
         "samples_per_s": round(batch / med, 3),
         "speedup_vs_torch_eager": round(eager / med, 3),
         "model_tflop_per_step": round(work / 1e12, 4),
-        "mfu": round(flops.mfu(work, med, peak), 4),
+        "executed_tflop_per_step": round(done / 1e12, 4),
+        "mfu": round(utilization.utilization(work, med, peak), 4),
+        "hfu": round(utilization.utilization(done, med, peak), 4),
         "peak_memory_gib": round(peaks[impl.name] / 2**30, 3),
         "compile_s": round(impl.compile_s, 1)}
-  hlo = flops.hlo_flops(impls[0].compiled)
   out = {**info, "steps": args.steps, "warmup": args.warmup, "parity_step0": parity,
          "peak_flops": peak, "peak_source": peak_note,
-         "jax_hlo_tflop_per_step": round(hlo.total / 1e12, 4),
          "load_average_end": os.getloadavg(), "results": results}
   print(json.dumps(out, indent=1))
   if args.json:

@@ -171,7 +171,7 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   c.model.attention = "auto"
   c.model.attention_block_q = 512   # splash query / key tile sizes: upper bounds, multiples of 128
   c.model.attention_block_kv = 512
-  c.model.scan_layers = True
+  c.model.scan_layers = True  # False: every loop of the step unrolled (layer stacks, micro-batches)
   c.model.remat_policy = "full"     # what each scanned block keeps for backward (REMAT_POLICIES)
   c.model.remat = ml_collections.ConfigDict()  # per part; unset = model.remat_policy
   for part in REMAT_PARTS:

@@ -6,18 +6,25 @@ runs, so the same function, shardings and donation, with abstract states (no wei
 materialised) — for a TPU topology through libtpu (`pip install -e ".[tpu]"`, any CPU machine)
 or for this machine's devices (`--topology local`), and prints per stage: memory per chip
 (frozen weights, trainable weights, optimizer state, batch, temporaries, XLA's peak) against
-HBM, FLOPs per step and per sample (matmuls counted from the compiled HLO with loop trip
-counts, next to the closed-form count), the step time implied at a stated MFU, compile time,
+HBM, FLOPs per sample (model FLOPs, the numerator of mfu, in closed form; executed FLOPs, that
+of hfu, from the compiled HLO with loop trip counts, next to their closed form), compile time,
 the attention kernel of every part (backbone, CoT adapter, text encoders) and a verdict.
 Running out of memory at compile time is a result ("out of memory"), not a crash.
+
+For a TPU topology it also asks XLA's TPU cost model how long the step takes (`est_step_s`:
+the `optimal_seconds` of the step compiled with its loops unrolled, the deep stacks 1 and 2
+blocks deep and extrapolated, which takes three more compiles; `--no-estimate` skips them), the
+mfu and hfu that time implies, and each part's share of it (backbone, adapter, text encoders,
+VAE, optimizer...). XLA's cost model, not a measurement: `cotir_jax.perf.cost_model`.
 
 `--search` tries mesh layouts (data / fsdp / tensor), remat policies, gradient-accumulation
 factors and attention kernels (`auto` with each splash tile size in SPLASH_TILES where it means
 splash, then `xla`) in order of expected throughput (fewest FLOPs per sample, then least tensor
 parallelism and accumulation, fused kernels first) and recommends the first that fits every
-planned stage with ≥ 10% headroom. A setting that runs out of memory rules out, untried, the
-same remat policy with less FSDP (more data or tensor parallelism), the accumulation factors too
-small for its temporaries, and kernels that need as much memory or more (xla after splash).
+planned stage with ≥ 10% headroom; XLA's estimate is then made for the recommended setting. A
+setting that runs out of memory rules out, untried, the same remat policy with less FSDP (more
+data or tensor parallelism), the accumulation factors too small for its temporaries, and kernels
+that need as much memory or more (xla after splash).
 """
 
 from __future__ import annotations
@@ -52,11 +59,11 @@ class Target:
 def target(topology: str) -> Target:
   """"v5e:4x4"-style TPU topologies (libtpu, no TPU needed) or "local" (this machine)."""
   import jax
-  from cotir_jax import flops
+  from cotir_jax.perf import chips
   if topology == "local":
     devices = jax.devices()
     stats = devices[0].memory_stats() or {}
-    peak = flops.device_peak_flops(devices[0]) or flops.measured_peak_flops(devices[0])
+    peak = chips.device_peak_flops(devices[0]) or chips.measured_peak_flops(devices[0])
     return Target("local", devices, stats.get("bytes_limit"), peak)
   generation = topology.split(":")[0]
   if generation not in HBM_GIB:
@@ -70,7 +77,7 @@ def target(topology: str) -> Target:
                          f"{str(e).splitlines()[0]}); TPU topologies need libtpu: "
                          "pip install -e '.[tpu]'") from None
   return Target(topology, list(desc.devices), HBM_GIB[generation] * GIB,
-                flops.PEAK_TFLOPS[PEAK_KEYS[generation]] * 1e12)
+                chips.PEAK_TFLOPS[PEAK_KEYS[generation]] * 1e12)
 
 
 @dataclasses.dataclass
@@ -85,11 +92,16 @@ class StagePlan:
   attention: dict = dataclasses.field(default_factory=dict)  # kernel per part
   memory_gib: dict = dataclasses.field(default_factory=dict)
   hbm_gib: float | None = None
-  tflop_per_device_step: float | None = None
-  tflop_per_sample: float | None = None
-  analytic_tflop_per_sample: float | None = None
-  step_time_s_at_mfu: float | None = None
+  model_tflop_per_sample: float | None = None     # closed form: the numerator of mfu
+  executed_tflop_per_sample: float | None = None  # compiled program: the numerator of hfu
+  analytic_executed_tflop_per_sample: float | None = None  # its closed form (XLA attention)
+  executed_tflop_per_device_step: float | None = None
   compile_s: float | None = None
+  est_step_s: float | None = None  # XLA's cost model, not a measurement (perf.cost_model)
+  est_mfu: float | None = None
+  est_hfu: float | None = None
+  est_shares: dict = dataclasses.field(default_factory=dict)
+  est_note: str = ""
   note: str = ""
 
 
@@ -126,9 +138,10 @@ def _oom_used(message: str) -> float | None:
   return float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " ")
 
 
-def plan_stage(cfg, tgt: Target, stage: int, mfu: float) -> StagePlan:
-  """Compiles one stage's step for the target and measures it."""
-  from cotir_jax import flops
+def plan_stage(cfg, tgt: Target, stage: int, estimate: bool = False) -> StagePlan:
+  """Compiles one stage's step for the target and measures it; `estimate`: XLA's cost-model
+  time too, if it fits (three more compiles)."""
+  from cotir_jax.perf import closed_form, utilization
   from cotir_jax.train.program import Program
   t = cfg.training
   patch, batch = int(t.patch_sizes[stage]), int(t.batch_sizes[stage])
@@ -141,7 +154,10 @@ def plan_stage(cfg, tgt: Target, stage: int, mfu: float) -> StagePlan:
     return StagePlan(mesh={}, verdict="error", note=str(e), **base)
   mesh = dict(prog.mesh.shape)
   base["attention"] = prog.kernels
-  analytic = flops.analytic_flops(cfg, patch, batch).total / batch / 1e12
+  per_sample = lambda count: count.total / batch / 1e12
+  tflop = dict(model_tflop_per_sample=per_sample(utilization.model_flops(cfg, patch, batch)),
+               analytic_executed_tflop_per_sample=per_sample(
+                   closed_form.analytic_flops(cfg, patch, batch)))
   parts = {"frozen weights": prog.bytes_per_device(prog.frozen),
            "trainable weights": prog.bytes_per_device(prog.state["params"]),
            "optimizer state": prog.bytes_per_device(prog.state["opt_state"]),
@@ -160,15 +176,12 @@ def plan_stage(cfg, tgt: Target, stage: int, mfu: float) -> StagePlan:
     if temps is not None:
       mem["temporaries"] = temps / GIB
     return StagePlan(mesh=mesh, verdict="out of memory" if oom else "error",
-                     memory_gib=mem, analytic_tflop_per_sample=analytic,
-                     compile_s=time.perf_counter() - t0, note=text.splitlines()[0][:400], **base)
+                     memory_gib=mem, **tflop, compile_s=time.perf_counter() - t0, note=text.splitlines()[0][:400], **base)
   compile_s = time.perf_counter() - t0
   stats = compiled.memory_analysis()
   parts["temporaries"] = stats.temp_size_in_bytes
   parts["peak"] = stats.peak_memory_in_bytes
-  count = flops.hlo_flops(compiled)
-  per_device = count.total
-  step_time = (per_device / (tgt.peak_flops * mfu)) if tgt.peak_flops else None
+  count = utilization.StepFlops.of(cfg, stage, compiled)
   peak = parts["peak"]
   if tgt.hbm_bytes is None:
     verdict = "fits"
@@ -178,12 +191,40 @@ def plan_stage(cfg, tgt: Target, stage: int, mfu: float) -> StagePlan:
     verdict = "tight"
   else:
     verdict = "fits"
-  note = "" if not count.unresolved else "not counted exactly: " + "; ".join(count.unresolved)
-  return StagePlan(mesh=mesh, verdict=verdict, memory_gib={k: v / GIB for k, v in parts.items()},
-                   tflop_per_device_step=per_device / 1e12,
-                   tflop_per_sample=count.global_total / batch / 1e12,
-                   analytic_tflop_per_sample=analytic, step_time_s_at_mfu=step_time,
-                   compile_s=compile_s, note=note, **base)
+  unresolved = count.executed.unresolved
+  note = "" if not unresolved else "not counted exactly: " + "; ".join(unresolved)
+  p = StagePlan(mesh=mesh, verdict=verdict, memory_gib={k: v / GIB for k, v in parts.items()},
+                executed_tflop_per_sample=count.executed.global_total / batch / 1e12,
+                executed_tflop_per_device_step=count.executed_per_device / 1e12, **tflop,
+                compile_s=compile_s, note=note, **base)
+  if estimate and verdict in ("fits", "tight"):
+    estimate_stage(cfg, tgt, p)
+  return p
+
+
+def estimate_stage(cfg, tgt: Target, p: StagePlan) -> None:
+  """Fills in XLA's cost-model time of the stage's step (unrolled; `perf.cost_model`: three
+  more compiles) and the mfu / hfu it implies; a compile that fails leaves the reason in
+  `est_note`."""
+  from cotir_jax.perf import cost_model
+  from cotir_jax.train.program import Program
+
+  def compile_step(c):
+    return Program.build(c, devices=tgt.devices).lower(p.stage).compile()
+
+  t0 = time.perf_counter()
+  try:
+    est = cost_model.estimate(compile_step, cfg)
+  except Exception as e:  # out of memory even shallow, or no cost model for these devices
+    p.est_note = f"no estimate: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    return
+  p.est_step_s, p.est_shares = est.step_s, est.shares
+  p.est_note = "; ".join(filter(None, [f"{time.perf_counter() - t0:.0f} s of compiles",
+                                       est.note]))
+  if est.step_s and tgt.peak_flops:
+    per_sample = 1e12 * p.global_batch / (est.step_s * tgt.peak_flops * len(tgt.devices))
+    p.est_mfu = p.model_tflop_per_sample * per_sample
+    p.est_hfu = p.executed_tflop_per_sample * per_sample
 
 
 def _stages(cfg, which: str) -> list[int]:
@@ -218,7 +259,8 @@ def kernel_choices(cfg, platform: str) -> list[dict]:
 
 def candidates(cfg, n_chips: int, stages: list[int], platform: str = "tpu"):
   """(fields, expected cost) of every setting to try, cheapest expected step first."""
-  from cotir_jax import flops, sharding
+  from cotir_jax import sharding
+  from cotir_jax.perf import closed_form
   kernels = kernel_choices(cfg, platform)
   t = cfg.training
   divisors = [d for d in range(1, n_chips + 1) if n_chips % d == 0]
@@ -242,7 +284,7 @@ def candidates(cfg, n_chips: int, stages: list[int], platform: str = "tpu"):
             continue
           c = _with(cfg, **{"model.remat_policy": remat,
                             "training.gradient_accumulation_steps": accum})
-          cost = max(flops.analytic_flops(c, int(t.patch_sizes[s]), int(t.batch_sizes[s])).total
+          cost = max(closed_form.analytic_flops(c, int(t.patch_sizes[s]), int(t.batch_sizes[s])).total
                      / int(t.batch_sizes[s]) for s in stages)
           fields = {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor,
                     "model.remat_policy": remat, "training.gradient_accumulation_steps": accum}
@@ -269,17 +311,30 @@ def _row(p: StagePlan) -> str:
            f"  memory per chip: peak {peak} ({parts})"]
   if p.attention:
     lines.append("  attention: " + ", ".join(f"{k} {v}" for k, v in p.attention.items()))
-  if p.tflop_per_sample is not None:
-    lines.append(f"  FLOPs: {p.tflop_per_device_step:.4g} TFLOP per chip per step, "
-                 f"{p.tflop_per_sample:.4g} TFLOP per sample (closed form "
-                 f"{p.analytic_tflop_per_sample:.4g})"
-                 + (f"; step {p.step_time_s_at_mfu:.3g} s at the stated MFU"
-                    if p.step_time_s_at_mfu is not None else ""))
+  if p.executed_tflop_per_sample is not None:
+    lines.append(f"  TFLOP per sample: model {p.model_tflop_per_sample:.4g} (mfu's), executed "
+                 f"{p.executed_tflop_per_sample:.4g} (hfu's; closed form "
+                 f"{p.analytic_executed_tflop_per_sample:.4g}); executed per chip per step "
+                 f"{p.executed_tflop_per_device_step:.4g}")
   if p.compile_s is not None:
     lines.append(f"  compile: {p.compile_s:.1f} s")
   if p.note:
     lines.append(f"  note: {p.note}")
-  return "\n".join(lines)
+  return "\n".join(lines + _estimate_lines(p))
+
+
+def _estimate_lines(p: StagePlan) -> list[str]:
+  from cotir_jax.perf import cost_model
+  lines = []
+  if p.est_step_s is not None:
+    use = "".join(f", {k} {v:.1%}" for k, v in (("mfu", p.est_mfu), ("hfu", p.est_hfu))
+                  if v is not None)
+    shares = ", ".join(f"{k} {v:.0%}" for k, v in p.est_shares.items() if v >= 0.005)
+    lines.append(f"  {cost_model.LABEL}: step {p.est_step_s:.3g} s{use}; shares of the "
+                 f"estimate: {shares}")
+  if p.est_note:
+    lines.append(f"  estimate: {p.est_note}")
+  return lines
 
 
 def _parser() -> cli.ArgumentParser:
@@ -288,8 +343,8 @@ def _parser() -> cli.ArgumentParser:
                       help="TPU topology as GENERATION:SHAPE (v5e:2x2, v5e:4x4, v5p:2x2x1, "
                            "v6e:2x4, v4:2x2x1) or 'local' for this machine's devices")
   parser.add_argument("--stage", default="all", help="a stage index or 'all' (default)")
-  parser.add_argument("--mfu", type=float, default=0.4,
-                      help="model FLOPs utilisation for the implied step time (default 0.4)")
+  parser.add_argument("--no-estimate", dest="estimate", action="store_false",
+                      help="skip XLA's cost-model step time (three more compiles per stage)")
   parser.add_argument("--search", action="store_true",
                       help="find the fastest mesh / remat / accumulation that fits with ≥10%% "
                            "headroom")
@@ -307,8 +362,6 @@ def _main(argv) -> int:
   from cotir_jax.models import attention
   parser = _parser()
   cfg, args = cli.parse(parser, argv)
-  if not 0 < args.mfu <= 1:
-    parser.error("--mfu must be in (0, 1]")
   from cotir_jax.train.program import configure_compiler
   if "--config.compile_effort" not in " ".join(argv):
     cfg.compile_effort = -1.0  # memory and FLOPs as at 0 (measured), minutes less per compile
@@ -320,10 +373,15 @@ def _main(argv) -> int:
   print(f"cotir_jax.plan: {cfg.project_name} on {tgt.name} ({len(tgt.devices)} chips"
         + (f", {tgt.hbm_bytes / GIB:.1f} GiB HBM each" if tgt.hbm_bytes else "") + ")", flush=True)
 
-  results = {"topology": tgt.name, "chips": len(tgt.devices), "mfu": args.mfu, "plans": []}
+  results = {"topology": tgt.name, "chips": len(tgt.devices), "plans": []}
+  estimate = args.estimate and tgt.devices[0].platform == "tpu"  # XLA's TPU cost model
+  if estimate:
+    from cotir_jax.perf import cost_model
+    results["est_step_s"] = (cost_model.LABEL + ": optimal_seconds of the step compiled for the "
+                             "topology with its loops unrolled")
   if not args.search:
     for s in stages:
-      p = plan_stage(cfg, tgt, s, args.mfu)
+      p = plan_stage(cfg, tgt, s, estimate)
       print(_row(p), flush=True)
       results["plans"].append(dataclasses.asdict(p))
     ok = all(p["verdict"] == "fits" for p in results["plans"])
@@ -351,20 +409,24 @@ def _main(argv) -> int:
       print(f"try: {' '.join(f'--config.{k}={v}' for k, v in fields.items())}", flush=True)
       plans = []
       for s in order:
-        p = plan_stage(trial, tgt, s, args.mfu)
+        p = plan_stage(trial, tgt, s)
         print(_row(p), flush=True)
-        plans.append(dataclasses.asdict(p))
+        plans.append(p)
         if p.verdict != "fits":
           if p.verdict in ("out of memory", "tight") and p.hbm_gib:
             # halved: temporaries shrink less than linearly with the micro-batch
             pruned.append((remat, fsdp, max(accum + 1, accumulation_needed(p) / 2), xla))
           break
-      results["plans"].append({"fields": fields, "stages": plans})
-      if all(p["verdict"] == "fits" for p in plans) and len(plans) == len(order):
+      ok = all(p.verdict == "fits" for p in plans) and len(plans) == len(order)
+      if ok and estimate:  # the recommended setting only: three more compiles per stage
+        for p in plans:
+          estimate_stage(trial, tgt, p)
+          print("\n".join([f"stage {p.stage}:"] + _estimate_lines(p)), flush=True)
+      results["plans"].append({"fields": fields, "stages": [dataclasses.asdict(p) for p in plans]})
+      if ok:
         results["recommended"] = fields
         print("recommended: " + " ".join(f"--config.{k}={v}" for k, v in fields.items()),
               flush=True)
-        ok = True
         break
     if not ok:
       print(f"no setting tried ({tried}) fits with ≥{HEADROOM:.0%} headroom; raise "

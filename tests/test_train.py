@@ -109,11 +109,18 @@ def test_main_job_runs_to_the_end_and_learns(tmp_path):
   pngs = sorted(os.listdir(workdir / "validation"))
   assert pngs == ["step_000000.png", "step_000060.png"]
   with open(workdir / "summary.json") as f:
-    assert json.load(f)["compiles"] == {"0": 1, "1": 1}  # exactly one compile per stage
+    summary = json.load(f)
+  assert summary["compiles"] == {"0": 1, "1": 1}  # exactly one compile per stage
   for key in ("lambda_s", "c_s", "lr", "use_gen_prob", "grad_norm", "samples_per_s",
-              "skipped_samples", "bad_shards", "step_time", "tflops_per_device", "mfu"):
+              "skipped_samples", "bad_shards", "step_time", "tflops_per_device", "mfu", "hfu"):
     assert key in rows[-1]
+  # remat "none" (the tiny config): the compiled step executes the model FLOPs, hfu = mfu
   assert rows[-1]["tflops_per_device"] > 0 and 0 < rows[-1]["mfu"] < 2
+  assert rows[-1]["hfu"] == pytest.approx(rows[-1]["mfu"], rel=0.01)
+  for stage in ("0", "1"):
+    flops = summary["flops"][stage]
+    assert 0 < flops["mfu"] < 2 and flops["hfu"] == pytest.approx(flops["mfu"], rel=0.01)
+    assert flops["model_per_sample"] > 0 and flops["executed_by_component"]["single_blocks"] > 0
   for r in (rows[0], rows[60]):  # validation steps: PSNR / SSIM of both results against HQ
     assert 0 < r["val_psnr_gen"] < 100 and -1 <= r["val_ssim_spe"] <= 1
 

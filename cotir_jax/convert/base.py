@@ -181,9 +181,10 @@ def default_hidden_layers(text_cfg: dict, transformer_cfg: dict | None) -> tuple
 
 
 def _module_builder(kind: str, config: dict, *, source: str, param_dtype, compute_dtype=None,
-                    hidden_layers=None, attention="xla"):
+                    hidden_layers=None, attention="xla", scan: bool = True):
   """(build() → module, our config) for one module kind from its reference config.json;
-  `attention`: a text encoder's kernel (`models.attention.AttentionSpec` or name)."""
+  `attention`: a text encoder's kernel (`models.attention.AttentionSpec` or name); `scan=False`:
+  a text encoder runs its layers unrolled."""
   compute = compute_dtype or _compute_dtype(param_dtype)
   if kind == "transformer":
     spec = spec_from_diffusers(config, source=source, dtype=compute, param_dtype=param_dtype)
@@ -200,7 +201,8 @@ def _module_builder(kind: str, config: dict, *, source: str, param_dtype, comput
     cfg = text_config_from_hf(config, source=source,
                               **({"hidden_layers": tuple(hidden_layers)} if hidden_layers else {}))
     return (lambda: build_text_encoder(cfg, dtype=compute, param_dtype=param_dtype,
-                                       rngs=nnx.Rngs(0), implementation=attention)), cfg
+                                       rngs=nnx.Rngs(0), implementation=attention,
+                                       scan=scan)), cfg
   raise ValueError(f"unknown module kind {kind!r}")
 
 
@@ -451,7 +453,8 @@ def read_manifest(path: str) -> dict:
   return manifest
 
 
-def module_builder(path: str, name: str, *, dtype=None, compute_dtype=None, attention="xla"):
+def module_builder(path: str, name: str, *, dtype=None, compute_dtype=None, attention="xla",
+                   scan: bool = True):
   """(build() → freshly initialised module, our config) of one module of a base checkpoint;
   `attention`: a text encoder's kernel (`models.attention.AttentionSpec` or name)."""
   manifest = read_manifest(path)
@@ -462,7 +465,7 @@ def module_builder(path: str, name: str, *, dtype=None, compute_dtype=None, atte
   param_dtype = _param_dtype(dtype or manifest["dtype"])
   return _module_builder(e["kind"], e["config"], source=f"{path}/{MANIFEST}:{name}",
                          param_dtype=param_dtype, compute_dtype=compute_dtype,
-                         hidden_layers=e.get("hidden_layers"), attention=attention)
+                         hidden_layers=e.get("hidden_layers"), attention=attention, scan=scan)
 
 
 def restore_base_params(path: str, modules=None, targets: Mapping | None = None) -> dict:

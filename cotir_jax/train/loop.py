@@ -22,10 +22,12 @@ from jax.experimental import multihost_utils
 from PIL import Image
 from tqdm import tqdm
 
-from cotir_jax import flops, multihost
-from cotir_jax.cli import UserError
+from cotir_jax import multihost
 from cotir_jax import sample as sampler
+from cotir_jax.cli import UserError
 from cotir_jax.data import pipeline
+from cotir_jax.perf import chips
+from cotir_jax.perf.utilization import StepFlops
 from cotir_jax.train import preflight
 from cotir_jax.train import workdir as wd
 from cotir_jax.train.checkpoint import Checkpointer
@@ -105,10 +107,10 @@ def _train(cfg, workdir: str, start: preflight.Startup) -> dict:
     for note in pipeline.data_notes(cfg, start.source, start.bank):
       print(f"cotir_jax: data: {note}", flush=True)
 
-  peak = flops.device_peak_flops(jax.devices()[0], cfg.training.peak_tflops)
+  peak = chips.device_peak_flops(jax.devices()[0], cfg.training.peak_tflops)
   if peak is None:  # a device without a published peak (CPU): its own best matmul rate
-    peak = flops.measured_peak_flops()
-  flops_log = {}
+    peak = chips.measured_peak_flops()
+  flops_log, utilizations = {}, {}
   os.makedirs(os.path.join(workdir, "validation"), exist_ok=True)
   writer = MetricsWriter(workdir, start_step=step, report_to=cfg.report_to,
                          project=cfg.project_name, config=cfg.to_dict(), is_lead=lead)
@@ -131,16 +133,15 @@ def _train(cfg, workdir: str, start: preflight.Startup) -> dict:
         t0 = time.perf_counter()
         jstep = prog.lower(stage).compile()
         validate = prog.validate(stage) if cfg.training.val_steps > 0 else None
-        count = flops.hlo_flops(jstep)  # matmul FLOPs one device runs per step, loops included
+        count = StepFlops.of(cfg, stage, jstep)  # model (mfu) and executed (hfu) FLOPs
         global_batch = int(cfg.training.batch_sizes[stage])
-        flops_log[stage] = {"per_device_per_step": count.total,
-                            "per_sample": count.global_total / global_batch,
-                            "by_component": count.by_component()}
+        flops_log[stage] = count.summary()
+        utilizations[stage] = []
         if lead:
           print(f"cotir_jax: stage {stage} (patch {cfg.training.patch_sizes[stage]}, global batch "
-                f"{global_batch}) compiled in {time.perf_counter() - t0:.1f} s; "
-                f"{count.global_total / global_batch / 1e12:.4g} TFLOP per sample, "
-                f"{count.total / 1e12:.4g} TFLOP per device per step", flush=True)
+                f"{global_batch}) compiled in {time.perf_counter() - t0:.1f} s; per sample "
+                f"{count.model.total / global_batch / 1e12:.4g} model TFLOP, "
+                f"{count.executed.global_total / global_batch / 1e12:.4g} executed", flush=True)
         multihost.barrier()  # start together: hosts compile at their own pace
         t_last, n_since, logged_at = time.perf_counter(), 0, step
         while step < stage_end:
@@ -172,9 +173,10 @@ def _train(cfg, workdir: str, start: preflight.Startup) -> dict:
                   f"stops and the last good checkpoint in {ckpt.directory} is left intact")
             dt = time.perf_counter() - t_last
             step_time = dt / max(1, done - logged_at)
+            use = count.utilizations(step_time, peak)
+            utilizations[stage].append(use)
             metrics.update(step_time=step_time,
-                           tflops_per_device=count.total / step_time / 1e12,
-                           mfu=flops.mfu(count.total, step_time, peak),
+                           tflops_per_device=count.model_per_device / step_time / 1e12, **use,
                            samples_per_s=n_since / dt if dt > 0 else 0.0,
                            skipped_samples=it.skipped, bad_shards=it.bad_shards, stage=stage,
                            patch_size=int(cfg.training.patch_sizes[stage]), **scores)
@@ -201,6 +203,9 @@ def _train(cfg, workdir: str, start: preflight.Startup) -> dict:
     bar.close()
     writer.close()
     ckpt.close()
+  for stage, rows in utilizations.items():  # the median of the logged intervals
+    flops_log[stage].update({k: float(np.median([r[k] for r in rows])) if rows else None
+                             for k in ("mfu", "hfu")})
   summary = {"steps": step, "stopped": False, "compiles": dict(prog.compiles), "flops": flops_log,
              "peak_flops_per_device": peak}
   if lead:

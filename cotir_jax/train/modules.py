@@ -37,7 +37,8 @@ CLIP_LENGTH = 77  # CLIP's context, as upstream tokenizes it (spec §9.4)
 def _encoders_from_config(cfg, rngs, platform) -> dict:
   m = cfg.model
   enc = dict(dtype=dtype_of(m.encoder_dtype), param_dtype=dtype_of(m.encoder_dtype), rngs=rngs)
-  text = dict(enc, implementation=AttentionSpec.from_config(m, platform))
+  text = dict(enc, implementation=AttentionSpec.from_config(m, platform),
+              scan=bool(m.scan_layers))
   return {"vae": build_vae(m.vae, **enc), "text": build_text_encoder(m.text_encoder, **text),
           "clip": build_text_encoder(m.clip, **text) if "clip" in m else None}
 
@@ -50,7 +51,8 @@ def _encoders_from_base(cfg, platform) -> dict:
   out = {}
   for ours, theirs in BASE_NAMES.items():
     if theirs in present:
-      build, _ = module_builder(path, theirs, dtype=dt, compute_dtype=dt, attention=attention)
+      build, _ = module_builder(path, theirs, dtype=dt, compute_dtype=dt, attention=attention,
+                                scan=bool(cfg.model.scan_layers))
       out[ours] = nnx.eval_shape(build)
     else:
       out[ours] = None

@@ -185,7 +185,9 @@ def make_train_step(cfg, graphs: Graphs, tx: optax.GradientTransformation, prepa
       shapes = jax.eval_shape(grads_and_aux, params, frozen, *first, p_gen, state["lambdas"],
                               counts)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
-      (g_sum, a_sum), _ = jax.lax.scan(body, zeros, micro)
+      # scan_layers=False unrolls this loop too: a program without loops (profiling, and XLA's
+      # cost model, which prices a loop body once)
+      (g_sum, a_sum), _ = jax.lax.scan(body, zeros, micro, unroll=not cfg.model.scan_layers)
       grads = jax.tree.map(lambda s, p: (s / k).astype(p.dtype), g_sum, params)
       aux = jax.tree.map(lambda s: s / k, a_sum)
 
