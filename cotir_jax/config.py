@@ -40,7 +40,8 @@ PROMPT_ERRORS = ("stop", "skip")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Path fields resolved against the repository when they do not exist relative to the cwd.
-PATH_FIELDS = ("data.data_dir", "model.tokenizer", "model.tokenizer_2", "model.pretrained")
+PATH_FIELDS = ("data.data_dir", "data.val_data_dir", "model.tokenizer", "model.tokenizer_2",
+               "model.pretrained")
 
 
 REPORT_TO = ("tensorboard", "wandb")
@@ -206,6 +207,9 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   c.data.return_deg_type = False
   c.data.num_workers = 4
   c.data.val_batch_size = 2
+  # Held-out pairs (same layout as data_dir) that validation restores, the same fixed batch every
+  # time; unset: the first samples of the current training batch, as upstream validates.
+  c.data.val_data_dir = config_dict.placeholder(str)
   c.data.max_length = 512          # text tokens per prompt / answer
   c.data.max_skip_fraction = 0.01  # stop the run when more samples (or shards) than this are corrupt
   c.data.skip_check_min_samples = 500  # samples seen before the skip fraction is checked
@@ -346,15 +350,21 @@ def paired_templates() -> ml_collections.ConfigDict:
 
 
 def tiny(base_model_name: str) -> ml_collections.ConfigDict:
-  """A random-weight model of a family's shape that trains on a CPU on `data/sample` in minutes.
+  """A tiny model of a family's shape that trains on a CPU on `data/sample` in minutes.
 
   Shared by `configs/tiny.py` (FLUX.2) and `configs/tiny_kontext.py` (FLUX.1), which add only
-  what differs between the families (RoPE axes, text widths, tokenizers).
+  what differs between the families (RoPE axes, text widths, tokenizers, their pretrained
+  base). Both families' autoencoders downsample 4× (three blocks: a token covers 8×8 pixels,
+  not 16×16; a tiny autoencoder that squeezed 16×16×3 pixels into one token would cap every
+  result far below the inputs' quality) into 16 latent channels (64 per 2×2 token: half the
+  transformer width, so a token fits in the residual stream to be copied and edited), with no
+  mid-block attention (convolutions only: the same at every image size), so one trained
+  encoder / decoder serves both (`scripts/pretrain_tiny_base.py`).
   """
   c = defaults(base_model_name)
   m = c.model
-  m.hidden_size = 64
-  m.num_heads = 2
+  m.hidden_size = 128
+  m.num_heads = 4
   m.depth = 2
   m.depth_single_blocks = 2
   c.mixed_precision = "no"
@@ -364,10 +374,16 @@ def tiny(base_model_name: str) -> ml_collections.ConfigDict:
   m.cot_adapter.depth = 2
   m.lora.rank = 8
   use_encoders(m, m.family, "tiny")
+  m.vae.block_out_channels = (16, 32, 32)
+  m.vae.latent_channels = 16
+  m.vae.mid_block_add_attention = False
+  m.in_channels = 4 * m.vae.latent_channels  # 2×2 latent patches per token in both families
   m.encoder_dtype = "float32"
 
   d = c.data
   d.data_dir = "data/sample"  # the real-photo sample set shipped in the repository
+  d.val_data_dir = "data/sample_val"  # its held-out pairs, one per degradation type
+  d.val_batch_size = 8
   d.num_workers = 0           # decode in the main process: fine for 32-64 px patches
   d.max_length = 64           # text tokens per prompt / answer
 
@@ -533,8 +549,8 @@ def apply_override(cfg: ml_collections.ConfigDict, override: str) -> None:
     value = type(old)(value)
   elif isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
     value = float(value)
-  elif isinstance(old, str) and not isinstance(value, str):
-    value = text
+  elif isinstance(old, str) and not isinstance(value, str) and value is not None:
+    value = text  # `None` clears an optional path: model.pretrained=None
   try:
     node[leaf] = value
   except (TypeError, ValueError) as e:

@@ -1,17 +1,21 @@
 #!/usr/bin/env python
-"""Build the committed CoTIR-Bench-layout sample dataset from scikit-image's bundled photographs.
+"""Build the committed CoTIR-Bench-layout sample datasets from scikit-image's bundled photographs.
 
-Output (upstream layout, spec §14.1-14.2):
+Two sets from disjoint photographs: the training pairs (`data/sample`) and the held-out pairs
+that the tiny configs validate on (`data/sample_val`, `data.val_data_dir`; one per degradation
+type). The tiny pretrained base (`scripts/pretrain_tiny_base.py`) never sees the held-out
+photographs either. Output (upstream layout, spec §14.1-14.2), for each set:
   <out>/image/<deg_type>/<deg_type>-NNNNNN.tar   webdataset shards: <key>.hq.png, <key>.lq.png, <key>.meta.json
   <out>/prompts/gen_prompt.txt                   generic prompts
   <out>/prompts/spe_prompt/<deg_type>.txt        specific prompts per degradation label
   <out>/prompts/spe_prompt/<jpeg_type>.txt       prompts for a JPEG quality class
 
-Degradations are synthetic (noise, blur, JPEG, haze, low light, rain, lost colour) plus mixtures, and
-every sample carries questions and a CoT answer in the upstream format. Deterministic for a seed:
+Degradations are synthetic (noise, blur, JPEG, haze, low light, rain, lost colour) plus mixtures,
+strong enough to survive the tiny models' downsizing to 64 pixels, and every sample carries
+questions and a CoT answer in the upstream format. Deterministic for a seed:
 tar headers carry fixed times/owners and PNGs are written with fixed settings.
 
-  python scripts/make_sample_dataset.py --out data/sample
+  python scripts/make_sample_dataset.py --out data/sample --val_out data/sample_val
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ PHOTOS = {  # skimage.data name -> scene description
     "retina": "a fundus photograph of a human retina with branching blood vessels",
     "hubble_deep_field": "a deep-space view with many small galaxies on a dark background",
     "stereo_motorcycle": "a red motorcycle parked in a room with shelves and a curtain behind it",
-    "camera": "a man with a camera on a tripod standing on a grass field",
     "coffee_crop": "a wooden table edge beside a white cup and saucer",
 }
+HELD_OUT = ("astronaut", "chelsea")  # validation only: never trained on, nor pretrained on
+TRAIN = tuple(p for p in PHOTOS if p not in HELD_OUT)
 
 # deg_type -> (meta label, components in application order)
 TYPES = {
@@ -110,9 +115,9 @@ def load_photo(name: str) -> np.ndarray:
 
 
 def square(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-  """Random square crop of the largest side that fits, resized (Lanczos) to size x size."""
+  """Random square crop of 70-100% of the shorter side, resized (Lanczos) to size x size."""
   h, w = img.shape[:2]
-  s = min(h, w)
+  s = int(min(h, w) * rng.uniform(0.7, 1.0))
   y, x = rng.integers(0, h - s + 1), rng.integers(0, w - s + 1)
   return np.asarray(Image.fromarray(img[y:y + s, x:x + s]).resize((size, size), Image.LANCZOS))
 
@@ -121,9 +126,9 @@ def degrade(x: np.ndarray, comp: str, rng: np.random.Generator, info: dict) -> n
   f = x.astype(np.float32)
   h, w = x.shape[:2]
   if comp == "noise":
-    f = f + rng.normal(0, rng.uniform(8, 14), f.shape)
+    f = f + rng.normal(0, rng.uniform(15, 30), f.shape)
   elif comp == "blur":
-    f = np.asarray(Image.fromarray(x).filter(ImageFilter.GaussianBlur(rng.uniform(1.5, 3.0) * h / 512)), np.float32)
+    f = np.asarray(Image.fromarray(x).filter(ImageFilter.GaussianBlur(rng.uniform(2.0, 4.0) * h / 512)), np.float32)
   elif comp == "jpeg":
     q = int(rng.integers(8, 16)) if rng.random() < 0.5 else int(rng.integers(25, 40))
     info["jpeg_type"] = "heavy_jpeg" if q < 20 else "mild_jpeg"
@@ -182,13 +187,14 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
   tar.addfile(ti, io.BytesIO(data))
 
 
-def build_dataset(out: str | Path, *, size: int = 512, per_type: int = 2, per_shard: int = 2,
-                  seed: int = 0, types: list[str] | None = None) -> Path:
+def build_dataset(out: str | Path, *, size: int = 256, per_type: int = 3, per_shard: int = 3,
+                  seed: int = 0, types: list[str] | None = None,
+                  photos: tuple[str, ...] = TRAIN) -> Path:
   """Write the layout under `out` (replacing image/ and prompts/); returns out."""
   out = Path(out)
   for sub in ("image", "prompts"):
     shutil.rmtree(out / sub, ignore_errors=True)
-  photos = list(PHOTOS)
+  photos = list(photos)
   cache: dict[str, np.ndarray] = {}
   n = 0
   for ti, t in enumerate(types or list(TYPES)):
@@ -224,15 +230,22 @@ def build_dataset(out: str | Path, *, size: int = 512, per_type: int = 2, per_sh
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--out", default="data/sample")
-  ap.add_argument("--size", type=int, default=512, help="stored HQ/LQ size (upstream stores 512x512)")
-  ap.add_argument("--per-type", type=int, default=2)
-  ap.add_argument("--per-shard", type=int, default=2)
+  ap.add_argument("--out", default="data/sample", help="training pairs")
+  ap.add_argument("--val_out", default="data/sample_val",
+                  help=f"held-out pairs (one per type) from {', '.join(HELD_OUT)}; '' skips them")
+  ap.add_argument("--size", type=int, default=256,
+                  help="stored HQ/LQ size (upstream stores 512x512; the tiny models train at 32-64)")
+  ap.add_argument("--per-type", type=int, default=3)
+  ap.add_argument("--per-shard", type=int, default=3)
   ap.add_argument("--seed", type=int, default=0)
   a = ap.parse_args(argv)
-  out = build_dataset(a.out, size=a.size, per_type=a.per_type, per_shard=a.per_shard, seed=a.seed)
-  total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-  print(f"wrote {out} ({total / 2**20:.1f} MiB)")
+  sets = [build_dataset(a.out, size=a.size, per_type=a.per_type, per_shard=a.per_shard, seed=a.seed)]
+  if a.val_out:
+    sets.append(build_dataset(a.val_out, size=a.size, per_type=1, per_shard=1, seed=a.seed + 1,
+                              photos=HELD_OUT))
+  for out in sets:
+    total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"wrote {out} ({total / 2**20:.1f} MiB)")
 
 
 if __name__ == "__main__":

@@ -408,6 +408,26 @@ def _resume(state: Mapping, *, block: int, process_index: int, process_count: in
   return base, start, 0, None
 
 
+def validation_batch(cfg, patch_size: int, rows: int,
+                     tokenizers: Mapping[str, Tokenizer] | None = None) -> dict:
+  """The held-out validation batch: the first `rows` samples of data.val_data_dir (a CoTIR-Bench
+  tar layout, round-robin over its degradation types) at `patch_size`, with their prompts drawn
+  from the run's seed, so every validation step restores the same pairs; `meta` is dropped."""
+  held = cfg.copy_and_resolve_references()
+  held.data.data_dir = str(cfg.data.val_data_dir)
+  held.data.source = "tar"
+  if not data_dir(held).is_dir():
+    raise FileNotFoundError(f"data.val_data_dir={cfg.data.val_data_dir!r} does not exist")
+  it = make_iterator(held, 0, tokenizers=tokenizers, process_index=0, process_count=1,
+                     batch_size=rows, patch_size=patch_size, num_workers=0)
+  try:
+    batch = next(it)
+  finally:
+    it.close()
+  batch.pop("meta")
+  return batch
+
+
 def make_iterator(cfg, stage: int, *, tokenizers: Mapping[str, Tokenizer] | None = None,
                   state: Mapping | None = None, source=None, bank: P.PromptBank | None = None,
                   process_index: int | None = None, process_count: int | None = None,

@@ -199,7 +199,8 @@ def analytic_flops(cfg, patch_size: int, batch: int) -> FlopCount:
 
   What runs (train/step.py): VAE encode of HQ and LQ; the text encoder on 4·batch sequences
   (prompt + three answers) of `data.max_length` tokens; CLIP on the prompt (FLUX.1); the
-  backbone over T = max_length text + 2·N image tokens (target + conditioning, N = (P/16)²):
+  backbone over T = max_length text + 2·N image tokens (target + conditioning, N = (P/16)²
+  with FLUX's four-block autoencoders, (P/8)² with the tiny configs' three blocks):
   embedders and FLUX.2's shared modulations ("other"), double blocks, the CoT adapter (queries,
   MLP and heads on the text rows, keys / values over all T), single blocks, final layer on the
   2·N image rows.
@@ -228,7 +229,7 @@ def analytic_flops(cfg, patch_size: int, batch: int) -> FlopCount:
   from cotir_jax.models.text import text_config
   from cotir_jax.train.modules import CLIP_LENGTH
   s = ModelSpec.from_config(cfg.model)
-  n_img = 2 * (patch_size // 16) ** 2
+  n_img = 2 * (patch_size // 2 ** len(cfg.model.vae.block_out_channels)) ** 2  # 16 px per token
   n_txt = int(cfg.data.max_length)
   rows = n_txt + n_img
   h, r = s.hidden_size, s.lora.rank if s.lora else None

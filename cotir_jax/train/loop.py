@@ -133,6 +133,9 @@ def _train(cfg, workdir: str, start: preflight.Startup) -> dict:
         t0 = time.perf_counter()
         jstep = prog.lower(stage).compile()
         validate = prog.validate(stage) if cfg.training.val_steps > 0 else None
+        held_out = (pipeline.validation_batch(cfg, prog.val_patch(stage), prog.val_rows(stage),
+                                              start.tokenizers)
+                    if validate and cfg.data.get("val_data_dir") else None)
         count = StepFlops.of(cfg, stage, jstep)  # model (mfu) and executed (hfu) FLOPs
         global_batch = int(cfg.training.batch_sizes[stage])
         flops_log[stage] = count.summary()
@@ -155,8 +158,9 @@ def _train(cfg, workdir: str, start: preflight.Startup) -> dict:
           last = done == total or done == stage_end
           scores, stopping = {}, stop.check()
           if cfg.training.val_steps > 0 and step % cfg.training.val_steps == 0:
-            # every process runs the (SPMD) sampler on the lead's first samples; the lead writes
-            val = {k: v[:prog.val_rows(stage)] for k, v in local.items()}
+            # every process runs the (SPMD) sampler on the held-out batch or the lead's first
+            # samples; the lead writes
+            val = held_out or {k: v[:prog.val_rows(stage)] for k, v in local.items()}
             if jax.process_count() > 1:
               val = multihost_utils.broadcast_one_to_all(val)
             images, scores = validate(state[prog.val_weights], frozen, prog.place_batch(val))

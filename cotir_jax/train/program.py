@@ -169,8 +169,17 @@ class Program:
     with jax.set_mesh(self.mesh):
       return self.step(stage).lower(self.state, self.frozen, self.batch(stage))
 
+  def val_patch(self, stage: int) -> int:
+    """Validation image side: the stage's patch size, or with data.val_data_dir the last
+    stage's for every stage (the same held-out batch throughout: comparable figures)."""
+    t = self.cfg.training
+    return int(t.patch_sizes[-1] if self.cfg.data.get("val_data_dir") else t.patch_sizes[stage])
+
   def val_rows(self, stage: int) -> int:
-    """Validation samples: data.val_batch_size, at most what one process reads per step."""
+    """Validation samples: data.val_batch_size; taken from the training batch (no
+    data.val_data_dir), at most what one process reads per step."""
+    if self.cfg.data.get("val_data_dir"):
+      return int(self.cfg.data.val_batch_size)
     per_process = int(self.cfg.training.batch_sizes[stage]) // jax.process_count()
     return min(int(self.cfg.data.val_batch_size), per_process)
 
@@ -181,11 +190,12 @@ class Program:
     return "ema" if "ema" in self.state else "params"
 
   def validate(self, stage: int):
-    """The compiled `validate(weights, frozen, batch) -> (images, scores)` for the stage's patch
-    size (`weights`: `state[self.val_weights]`): images (hq, lq, result_gen, result_spe) in
-    [-1, 1] and per-image PSNR / SSIM of both results against HQ (what `cotir_jax.evaluate`
-    gives for the saved PNGs; named `val_ema_*` when they score the EMA weights), replicated
-    on every device; `batch`: the lead's first `val_rows(stage)` samples, replicated
+    """The compiled `validate(weights, frozen, batch) -> (images, scores)` at
+    `val_patch(stage)` (`weights`: `state[self.val_weights]`): images (hq, lq, result_gen,
+    result_spe) in [-1, 1], per-image PSNR / SSIM of both results against HQ (what
+    `cotir_jax.evaluate` gives for the saved PNGs; named `val_ema_*` when they score the EMA
+    weights) and the PSNR of the LQ inputs (`val_psnr_lq`), replicated on every device;
+    `batch`: `val_rows(stage)` samples (held-out, or the lead's first), replicated
     (`place_batch`)."""
     fn = make_validate(self.cfg, self.graphs)
     params, weights = self.state["params"], self.state[self.val_weights]
@@ -194,11 +204,11 @@ class Program:
     def run(weights, frozen, batch):
       with sharding.activation_sharding(self.mesh, self.rules):
         images, scores = fn(ema.as_params(weights, params), frozen, batch)
-      return images, {prefix + k[len("val_"):]: v for k, v in scores.items()}
+      return images, {k if k == "val_psnr_lq" else prefix + k[len("val_"):]: v
+                      for k, v in scores.items()}
 
     rep = sharding.replicated(self.mesh)
-    spec = modules.batch_spec(self.cfg, self.val_rows(stage),
-                              int(self.cfg.training.patch_sizes[stage]))
+    spec = modules.batch_spec(self.cfg, self.val_rows(stage), self.val_patch(stage))
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rep) for k, v in spec.items()}
     with jax.set_mesh(self.mesh):
       return jax.jit(run, out_shardings=rep).lower(weights, self.frozen, batch).compile()
@@ -252,7 +262,8 @@ def _shardings(abstract):
 def make_validate(cfg, graphs: Graphs):
   """`validate(params, frozen, batch) -> ((hq, lq, result_gen, result_spe), scores)`: images
   in [-1, 1] from the Euler sampler of spec §15 on the LQ latents with the generic and the
-  specific prompt, and per-image PSNR / SSIM of the 8-bit results against HQ."""
+  specific prompt, per-image PSNR / SSIM of the 8-bit results against HQ, and the PSNR of the
+  LQ inputs themselves (what restoration has to beat)."""
   family, name = cfg.model.family, text_key(cfg.model.family)
 
   def validate(params, frozen, batch):
@@ -281,7 +292,7 @@ def make_validate(cfg, graphs: Graphs):
           state_dtype=latents.latent_dtype(family, cfg.compat))
       results.append(vae.decode(latents.tokens_to_latents(tokens, grid, family)))
     ref = quality.quantize(batch["hq"])  # the 8-bit PNG values, in [0, 1]
-    scores = {}
+    scores = {"val_psnr_lq": quality.psnr(quality.quantize(batch["lq"]), ref)}  # the bar to beat
     for which, res in zip(("gen", "spe"), results):
       scores[f"val_psnr_{which}"] = quality.psnr(quality.quantize(res), ref)
       scores[f"val_ssim_{which}"] = quality.ssim(quality.quantize(res), ref)
