@@ -335,21 +335,24 @@ class Restorer:
     self._graph = self._state = self._run = None
     self._programs = {}  # the sampler compiled for each batch shape
 
-  def load(self, weights: Sequence[str], *, ema: bool = False) -> None:
+  def load(self, weights: Sequence[str] | None, *, ema: bool = False) -> None:
     """Reads the trainable weights (`ema`: their moving average from a training checkpoint)
     into the model; merges its LoRA into the base weights when
-    `model.lora.merge_for_inference` is set."""
+    `model.lora.merge_for_inference` is set. None keeps the freshly initialised ones: with
+    model.lora.init="zeros" (LoRA's B and the adapter's output start at zero) the model is
+    then the base model itself."""
     if self._base is None:
       raise RuntimeError("weights are loaded already; build the Restorer with reloadable=True")
-    multihost.barrier()  # Orbax's reads meet the other processes in a collective
     flat_state = nnx.to_flat_state(self._params)
-    targets = {".".join(map(str, path)): var.get_value() for path, var in flat_state}
-    values = cotir_files.read_trainable(weights, targets, self.family,
-                                        item="ema" if ema else "params")
-    for path, var in flat_state:
-      old = var.get_value()
-      var.set_value(sharding.global_array(
-          np.asarray(values[".".join(map(str, path))]).astype(old.dtype), old.sharding))
+    if weights is not None:
+      multihost.barrier()  # Orbax's reads meet the other processes in a collective
+      targets = {".".join(map(str, path)): var.get_value() for path, var in flat_state}
+      values = cotir_files.read_trainable(weights, targets, self.family,
+                                          item="ema" if ema else "params")
+      for path, var in flat_state:
+        old = var.get_value()
+        var.set_value(sharding.global_array(
+            np.asarray(values[".".join(map(str, path))]).astype(old.dtype), old.sharding))
     model = inference_model(self.cfg, nnx.merge(self._model_graph,
                                                 nnx.from_flat_state(flat_state), self._base))
     graph, state = nnx.split(model)

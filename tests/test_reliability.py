@@ -166,17 +166,17 @@ def test_resume_config_check_reads_only_the_stored_config(tmp_path):
   assert str(allowed[-1]) == "training.learning_rate: 0.002 → 0.0001"
   with pytest.raises(checkpoint.IncompatibleConfigError) as e:
     checkpoint.check_config(meta, config.load(TINY, [
-        "model.hidden_size=128", "model.num_heads=4", "model.lora.rank=4", "compat=upstream",
+        "model.hidden_size=256", "model.num_heads=8", "model.lora.rank=4", "compat=upstream",
         "training.learning_rate=1e-4"]))
   lines = str(e.value).splitlines()
   assert f"checkpoint at step 3 in {ck.directory}" in lines[0]
   assert lines[1:] == ['  compat: "default" → "upstream"',
                        '  model.compat: "default" → "upstream"',
-                       "  model.cot_adapter.hidden_size: 64 → 128",
-                       "  model.cot_adapter.num_heads: 2 → 4",
-                       "  model.hidden_size: 64 → 128",
+                       "  model.cot_adapter.hidden_size: 128 → 256",
+                       "  model.cot_adapter.num_heads: 4 → 8",
+                       "  model.hidden_size: 128 → 256",
                        "  model.lora.rank: 8 → 4",
-                       "  model.num_heads: 2 → 4"]
+                       "  model.num_heads: 4 → 8"]
   # a field the checkpoint's config does not have (the schema grew since) is not a mismatch
   breaking, allowed = checkpoint.config_changes({"model": {"depth": 2}}, {"model": {"depth": 2,
                                                                                    "new": 1}})
@@ -280,16 +280,16 @@ def test_second_trainer_exits_at_once_naming_the_holder(locked_run):
 
 
 def test_resume_with_a_changed_width_lists_the_fields(locked_run):
-  proc = subprocess.run(_cmd(locked_run.workdir, *SHORT, "--config.model.hidden_size=128",
-                             "--config.model.num_heads=4"), cwd=REPO, env=_env(),
+  proc = subprocess.run(_cmd(locked_run.workdir, *SHORT, "--config.model.hidden_size=256",
+                             "--config.model.num_heads=8"), cwd=REPO, env=_env(),
                         capture_output=True, encoding="utf-8", timeout=300)
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   ckpt_dir = locked_run.workdir / "checkpoints"
   assert proc.stderr.split("cotir_jax: error: ", 1)[1].splitlines() == [
       f"the config changes fields that define the checkpoint at step 8 in {ckpt_dir}; resume "
       "with the checkpoint's values or start a new --workdir:",
-      "  model.cot_adapter.hidden_size: 64 → 128", "  model.cot_adapter.num_heads: 2 → 4",
-      "  model.hidden_size: 64 → 128", "  model.num_heads: 2 → 4"]
+      "  model.cot_adapter.hidden_size: 128 → 256", "  model.cot_adapter.num_heads: 4 → 8",
+      "  model.hidden_size: 128 → 256", "  model.num_heads: 4 → 8"]
 
 
 _CHECK_THEN_TRAIN = """
