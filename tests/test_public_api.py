@@ -41,6 +41,22 @@ def test_cli_config_syntax():
   assert rest == ["--workdir", "x"]
 
 
+def test_tiny_configs_load_the_shipped_base_unless_told_not_to():
+  """configs/tiny*.py: the shipped pretrained base and held-out validation pairs by default;
+  `--config.model.pretrained=None` (the optional path cleared) gives random frozen weights."""
+  import pytest
+  for name, family in (("tiny", "flux2"), ("tiny_kontext", "flux1")):
+    path = os.path.join(REPO, "configs", f"{name}.py")
+    cfg = config.load(path)
+    assert os.path.samefile(cfg.model.pretrained, os.path.join(REPO, "assets", "tiny_base", family))
+    assert os.path.samefile(cfg.data.val_data_dir, os.path.join(REPO, "data", "sample_val"))
+    cfg, _ = config.parse_cli(["--config", path, "--config.model.pretrained=None"])
+    assert cfg.model.pretrained is None
+  assert config.load(path, ["data.val_data_dir=None"]).data.val_data_dir is None
+  with pytest.raises(config.ConfigError, match=r"model\.attention=None is not allowed"):
+    config.load(path, ["model.attention=None"])  # a required choice cannot be cleared
+
+
 def test_bad_config_values_name_the_field():
   import pytest
   for override, field in (("model.lora.nope=1", "model.lora.nope"),
