@@ -456,13 +456,15 @@ def main(argv=None) -> int:
   ap.add_argument("--vae_batch", type=int, default=16)
   ap.add_argument("--vae_size", type=int, default=32)
   ap.add_argument("--vae_lr", type=float, default=3e-3)
-  ap.add_argument("--editor_steps", type=int, default=1500)
+  ap.add_argument("--editor_steps", type=int, default=400)
   ap.add_argument("--editor_batch", type=int, default=8)
-  ap.add_argument("--editor_sizes", default="64,128,64,256",
+  ap.add_argument("--editor_sizes", default="32,64",
                   help="image sides of the editor's steps, cycled")
-  ap.add_argument("--editor_lr", type=float, default=1e-3)
+  ap.add_argument("--editor_lr", type=float, default=2e-3)
   ap.add_argument("--editor_bank", type=int, default=1024, help="crops encoded per image side")
-  ap.add_argument("--qk_scale", type=float, default=1.0)
+  ap.add_argument("--qk_scale", type=float, default=2.0,
+                  help="initial query / key norm scales: sharper attention at the start, so "
+                       "the editor finds the reference token at its own position sooner")
   ap.add_argument("--prompts", type=int, default=256, help="random sentences the editor sees")
   ap.add_argument("--cache", default=None,
                   help="keep the trained autoencoder here and reuse it when a later run has the "
