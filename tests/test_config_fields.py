@@ -177,7 +177,9 @@ def reads():
   """family → (the exercised config, its recorded reads); the config carries PROBE."""
   out = {}
   for family, path in TINY.items():
-    cfg = config.load(path, ["data.index_cache_dir="])
+    # random frozen weights: the path that builds the encoders from model.vae / text_encoder /
+    # clip (with the shipped base, model.pretrained, they come from its manifest instead)
+    cfg = config.load(path, ["data.index_cache_dir=", "model.pretrained=None"])
     cfg.training.unread_probe = 1  # read by nothing: must come out unread
     with recorded_reads(cfg) as got:
       exercise(cfg)
