@@ -145,7 +145,7 @@ def test_layout_and_manifest(converted):
     n_ref = sum(p.numel() for p in ref.parameters())
     if e["kind"] == "vae" and family == "flux2":
       n_ref += 2 * ref.bn.running_mean.numel()  # BatchNorm statistics are buffers there
-    if e.get("hidden_layers"):  # Qwen3: the final norm and deeper layers are never run (§9.3)
+    if e.get("hidden_layers"):  # Qwen3: the final norm and deeper layers are never run
       keep = max(e["hidden_layers"])
       n_ref = sum(p.numel() for k, p in ref.named_parameters()
                   if not k.startswith("norm.") and not (k.startswith("layers.")

@@ -191,7 +191,7 @@ def test_lora_targets_and_ranks():
   assert prefixes == {"backbone.single_blocks.linear1", "backbone.single_blocks.linear2",
                       "backbone.single_blocks.modulation.lin", "backbone.final_layer.linear",
                       "backbone.final_layer.adaLN_modulation"}
-  assert model.backbone.final_layer.linear.lora.rank == 64  # min(96, 3072, 64), spec §17.2
+  assert model.backbone.final_layer.linear.lora.rank == 64  # upstream clamps: min(96, 3072, 64)
 
 
 def test_trainable_filter_is_lora_plus_adapter():
@@ -202,7 +202,7 @@ def test_trainable_filter_is_lora_plus_adapter():
   assert set(trainable) == set(lora) | {f"cot_adapter.{k}" for k in adapter}
 
 
-# --- the CoT adapter against an independent PyTorch implementation of spec §7 -------------------
+# --- the CoT adapter against an independent PyTorch implementation of upstream's -----------------
 
 def _t(x):
   return torch.from_numpy(np.array(x, np.float32))
@@ -289,7 +289,7 @@ def test_adapter_matches_torch_reference_float32():
     assert np.abs(np.asarray(o) - r).max() <= 2e-5 * np.abs(r).max()
 
 
-# --- compat="upstream" precision quirks (spec §12) -----------------------------------------------
+# --- compat="upstream" precision quirks --------------------------------------------------------
 
 def test_upstream_rope_positions_quantise_like_bfloat16():
   ids = np.zeros((1, 512, 4), np.float32)

@@ -62,7 +62,7 @@ BASE_FORMAT = "cotir_jax.base/2"
 SIDE_BY_SIDE_FORMAT = "cotir_jax.base/1"
 WEIGHTS = "weights"
 MANIFEST = "manifest.json"
-QWEN3_DEFAULT_LAYERS = (9, 18, 27)  # spec §9.3
+QWEN3_DEFAULT_LAYERS = (9, 18, 27)  # the hidden states FLUX.2-klein concatenates
 ALLOWED_DTYPES = ("bfloat16", "float32")
 
 # family → module name → (kind, diffusers subfolder, tokenizer subfolder)

@@ -1,4 +1,4 @@
-"""Released CoTIR weights (upstream `lora.pt` / `cot_adapter.pt`, spec §8 and §13) ↔ our CoTIR.
+"""Released CoTIR weights (upstream `lora.pt` / `cot_adapter.pt`) ↔ our CoTIR.
 
 Upstream saves two `torch.save` dicts of bfloat16 tensors with BFL-native names:
 `lora.pt` holds every `.lora_` key of the backbone (`single_blocks.{i}.linear1.lora_A.weight`
@@ -61,7 +61,7 @@ def _lora(ours: str, ref: str, *, cols=None, rows=None) -> list[Rule]:
 
 
 def lora_rules(spec: ModelSpec, prefix: str = "backbone.") -> list[Rule]:
-  """Our LoRA variables (under `prefix`) ↔ upstream `lora.pt` keys (spec §8)."""
+  """Our LoRA variables (under `prefix`) ↔ upstream `lora.pt` keys."""
   p, s = prefix, "single_blocks.{i}"
   rules = [*_lora(f"{p}single_blocks.linear1", f"{s}.linear1", cols=spec.linear1_layout),
            *_lora(f"{p}single_blocks.linear2", f"{s}.linear2", rows=spec.linear2_layout),
@@ -73,7 +73,7 @@ def lora_rules(spec: ModelSpec, prefix: str = "backbone.") -> list[Rule]:
 
 
 def adapter_rules(spec: ModelSpec, prefix: str = "cot_adapter.") -> list[Rule]:
-  """Our `cot_adapter` variables ↔ upstream `cot_adapter.pt` keys (spec §7, §13)."""
+  """Our `cot_adapter` variables ↔ upstream `cot_adapter.pt` keys."""
   a, d = "cot_adapter", "cot_adapter.decoder.{i}"
   p = prefix
   rules = [*linear(f"{p}decoder.linear1", f"{d}.linear1", True, cols=spec.adapter_linear1_layout),
@@ -348,7 +348,7 @@ def save_cotir_weights(model, out_dir: str, fmt: str = "pt", dtype=jnp.bfloat16)
 
 
 def upstream_shapes(cfg_model) -> dict[str, tuple[int, ...]]:
-  """Reference key → shape of upstream's files, from the spec's formulas (§7, §8), no model.
+  """Reference key → shape of upstream's files, from the config's adapter and LoRA shapes.
 
   Independent of the table: used by the coverage tests and by `cotir_to_orbax` messages.
   """

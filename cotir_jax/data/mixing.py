@@ -1,7 +1,7 @@
 """The sample order: global stream position k -> record index, a pure function of the seed.
 
 balanced: cycle c = k // n_types visits every type once in an order shuffled per cycle (upstream's
-round-robin, spec §14.5); a type's c-th draw walks a per-epoch permutation of its records (without
+round-robin over types); a type's c-th draw walks a per-epoch permutation of its records (without
 replacement, unlike upstream's resampled shards). shuffle: a per-epoch permutation of all records.
 Process i of n reads global positions k = q*n + i (q = its local position), so processes are
 disjoint and their union is the one-process stream.

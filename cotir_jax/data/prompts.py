@@ -1,4 +1,4 @@
-"""Upstream's per-sample text rules (spec §14.1-14.3): answer parsing, label normalisation, prompt picking.
+"""Upstream's per-sample text rules: answer parsing, label normalisation, prompt picking.
 
 Randomness comes from a numpy Generator the caller seeds per sample, so a prompt draw is a pure
 function of (seed, stream position) instead of upstream's per-worker global `random` state.

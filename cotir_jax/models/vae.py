@@ -1,4 +1,4 @@
-"""The frozen autoencoders (spec §9): FLUX.2's `AutoencoderKLFlux2` and FLUX.1's `AutoencoderKL`.
+"""The frozen autoencoders: FLUX.2's `AutoencoderKLFlux2` and FLUX.1's `AutoencoderKL`.
 
 Both share diffusers' Encoder / Decoder (ResNet blocks, a single-head mid-block attention,
 asymmetric-pad stride-2 downsampling, nearest ×2 upsampling); they differ only in the latent

@@ -1,4 +1,4 @@
-"""Training checkpoints (design decision 7): Orbax `CheckpointManager` in `<workdir>/checkpoints/`.
+"""Training checkpoints: Orbax `CheckpointManager` in `<workdir>/checkpoints/`.
 
 One step holds
 * `state`: any pytree of arrays — the train loop passes {trainable params, optimizer state
