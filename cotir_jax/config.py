@@ -23,12 +23,11 @@ from ml_collections import config_dict
 
 from cotir_jax.cli import UserError
 from cotir_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
+from cotir_jax.models.layers import REMAT_POLICIES
 
 FAMILIES = ("flux2", "flux1")
 COMPAT_MODES = ("default", "upstream")
 LORA_INITS = ("zeros", "upstream")
-REMAT_POLICIES = ("none", "full", "dots", "save_attention", "save_qkv_attention",
-                  "offload_attention")  # models/layers.py: REMAT_POLICIES
 REMAT_PARTS = ("double_blocks", "single_blocks", "cot_adapter")
 DTYPES = ("float32", "bfloat16")
 MIXING = ("balanced", "shuffle")
