@@ -21,6 +21,8 @@ from jax.sharding import PartitionSpec as P
 from cotir_jax import config
 from cotir_jax.models import attention
 
+pytestmark = pytest.mark.usefixtures("highest_precision")  # float32 parity
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 XLA = attention.AttentionSpec("xla")
 SPLASH = attention.AttentionSpec("splash", block_q=128, block_kv=128, interpret=True)

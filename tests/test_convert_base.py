@@ -19,6 +19,8 @@ from cotir_jax.convert.base import read_manifest, restore_base_params
 from cotir_jax.convert.core import ConversionError, flat_params
 from cotir_jax.models.vae import tiny_vae_config
 
+pytestmark = pytest.mark.usefixtures("highest_precision")  # float32 parity
+
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 

@@ -19,6 +19,8 @@ from cotir_jax.convert.core import ConversionError, check_coverage, flat_params
 from cotir_jax.convert.flux import spec_from_diffusers
 from cotir_jax.convert.safetensors_io import save_file
 
+pytestmark = pytest.mark.usefixtures("highest_precision")  # float32 parity
+
 diffusers = pytest.importorskip("diffusers")
 from diffusers.loaders import single_file_utils  # noqa: E402
 from test_convert_base import _build_repo, _perturb  # noqa: E402

@@ -19,6 +19,8 @@ from cotir_jax.convert.core import ConversionError, check_coverage, flat_params
 from cotir_jax.convert.orbax_io import load_trainable
 from cotir_jax.models.layers import Dense
 
+pytestmark = pytest.mark.usefixtures("highest_precision")  # float32 parity
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # design.md "Numbers to hit": (adapter, LoRA in upstream layout)
 COUNTS = {"cotir_4b": (1_014_752_259, 90_286_208), "cotir_9b": (1_829_062_147, 144_134_272),

@@ -14,6 +14,8 @@ from cotir_jax.convert.core import check_coverage, flat_params
 from cotir_jax.convert.flux import transformer_rules
 from cotir_jax.models.layers import Dense, rope_angles, timestep_embedding
 
+pytestmark = pytest.mark.usefixtures("highest_precision")  # float32 parity
+
 # design.md "Numbers to hit"
 COUNTS = {
     "cotir_4b": (3_875_544_576, 1_014_752_259, 90_286_208),

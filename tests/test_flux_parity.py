@@ -8,6 +8,8 @@ import jax.numpy as jnp
 
 from cotir_jax import convert
 
+pytestmark = pytest.mark.usefixtures("highest_precision")  # float32 parity
+
 # bfloat16 weights and compute against the float32 reference: relative max error bound.
 # Observed ~1e-2 on these tiny models; 5e-2 leaves room across platforms.
 BF16_BOUND = 5e-2

@@ -16,6 +16,8 @@ from cotir_jax.convert.core import ConversionError, check_coverage, export_param
 from cotir_jax.convert.vae import IGNORE, load_vae, vae_rules
 from cotir_jax.models.vae import build_vae, tiny_vae_config, vae_config
 
+pytestmark = pytest.mark.usefixtures("highest_precision")  # float32 parity
+
 diffusers = pytest.importorskip("diffusers")
 
 FP32_TOL = 2e-5
