@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
+from einops import rearrange
 from flax import nnx
 from ml_collections import config_dict
 
@@ -301,17 +302,12 @@ class _AutoEncoderBase(nnx.Module):
 
 def patchify(z: jax.Array, p: int = 2) -> jax.Array:
   """[B,H,W,C] → [B,H/p,W/p,C·p·p], channels (c, pi, pj) as diffusers' `_patchify_latents`."""
-  b, h, w, c = z.shape
-  z = z.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 5, 2, 4)
-  return z.reshape(b, h // p, w // p, c * p * p)
+  return rearrange(z, "b (h pi) (w pj) c -> b h w (c pi pj)", pi=p, pj=p)
 
 
 def unpatchify(z: jax.Array, p: int = 2) -> jax.Array:
   """Inverse of `patchify`."""
-  b, h, w, cpp = z.shape
-  c = cpp // (p * p)
-  z = z.reshape(b, h, w, c, p, p).transpose(0, 1, 4, 2, 5, 3)
-  return z.reshape(b, h * p, w * p, c)
+  return rearrange(z, "b h w (c pi pj) -> b (h pi) (w pj) c", pi=p, pj=p)
 
 
 class Flux2AutoEncoder(_AutoEncoderBase):
