@@ -258,10 +258,12 @@ def test_pytorch_parity(converted):
 def test_restore_into_sharded_targets(converted):
   """What training does: restore one module straight into abstract targets with shardings."""
   out = str(converted["out"])
-  from cotir_jax.convert.base import abstract_targets
+  from cotir_jax.convert.base import module_builder
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  build, _ = module_builder(out, "transformer")
+  targets = nnx.to_pure_dict(nnx.state(nnx.eval_shape(build)))
   targets = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16, sharding=sharding),
-                         abstract_targets(out, "transformer"))
+                         targets)
   tree = restore_base_params(out, ("transformer",), targets={"transformer": targets})
   leaf = tree["transformer"]["img_in"]["kernel"]
   assert isinstance(leaf, jax.Array) and leaf.dtype == jnp.bfloat16

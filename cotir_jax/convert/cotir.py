@@ -347,54 +347,6 @@ def save_cotir_weights(model, out_dir: str, fmt: str = "pt", dtype=jnp.bfloat16)
   return write_cotir_files({**lora_t, **adapter_t}, out_dir, fmt, dtype)
 
 
-def upstream_shapes(cfg_model) -> dict[str, tuple[int, ...]]:
-  """Reference key → shape of upstream's files, from the config's adapter and LoRA shapes.
-
-  Independent of the table: used by the coverage tests and by `cotir_to_orbax` messages.
-  """
-  m = cfg_model
-  h, family = m.hidden_size, m.family
-  mh = int(h * m.mlp_ratio)
-  l1 = 3 * h + (2 * mh if family == "flux2" else mh)
-  out_ch = m.get("out_channels") or m.in_channels
-  shapes: dict[str, tuple[int, ...]] = {}
-
-  def lora(name, i, o):
-    r = min(m.lora.rank, i, o)
-    shapes.update({f"{name}.lora_A.weight": (r, i), f"{name}.lora_B.weight": (o, r),
-                   f"{name}.lora_B.bias": (o,)})
-
-  if m.lora.enabled:
-    for i in range(m.depth_single_blocks):
-      lora(f"single_blocks.{i}.linear1", h, l1)
-      lora(f"single_blocks.{i}.linear2", h + mh, h)
-      if family == "flux1":
-        lora(f"single_blocks.{i}.modulation.lin", h, 3 * h)
-    lora("final_layer.linear", h, out_ch)
-    lora("final_layer.adaLN_modulation.1", h, 2 * h)
-
-  a = m.cot_adapter
-  ah, amh, out = a.hidden_size, int(a.hidden_size * a.mlp_ratio), a.out_channels
-  hd = ah // a.num_heads
-
-  def lin(name, i, o):
-    shapes.update({f"{name}.weight": (o, i), f"{name}.bias": (o,)})
-
-  for i in range(a.depth):
-    d = f"cot_adapter.decoder.{i}"
-    lin(f"{d}.linear1", ah, 3 * ah + amh)
-    lin(f"{d}.linear2", ah + amh, ah)
-    shapes[f"{d}.norm.query_norm.scale"] = (hd,)
-    shapes[f"{d}.norm.key_norm.scale"] = (hd,)
-    lin(f"{d}.modulation.lin", ah, 3 * ah)
-  for n in HEADS:
-    lin(f"cot_adapter.{n}_layer", 2 * ah if n == "planning" else ah, ah)
-    lin(f"cot_adapter.final_{n}_layer.linear", ah, out)
-    lin(f"cot_adapter.final_{n}_layer.adaLN_modulation.1", ah, 2 * ah)
-    shapes[f"cot_adapter.scale_{n}"] = (1,)
-  return shapes
-
-
 # ----------------------------------------------------------------------------- any source
 
 def read_trainable(paths: Sequence[str], targets: Mapping[str, object], family: str, *,

@@ -47,16 +47,6 @@ class StreamOrder:
       hit = self._cache[slot] = (tag, _perm(n, self.seed, *key))
     return hit[1]
 
-  @property
-  def cycle(self) -> int:
-    """Positions per balance cycle (the number of types), 1 for plain shuffle."""
-    return len(self.ranges) if self.mixing == "balanced" else 1
-
-  def type_order(self, c: int) -> list[str]:
-    n = len(self.ranges)
-    order = self._cached((1, c), n) if self.shuffle_types and n > 1 else np.arange(n)
-    return [self.ranges[i][0] for i in order]
-
   def record_at(self, k: int) -> int:
     if self.mixing == "shuffle":
       e, p = divmod(k, self.total)
