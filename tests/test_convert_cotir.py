@@ -18,6 +18,7 @@ from cotir_jax.convert import cotir as C
 from cotir_jax.convert.core import ConversionError, check_coverage, flat_params
 from cotir_jax.convert.orbax_io import load_trainable
 from cotir_jax.models.layers import Dense
+from parity import cotir_inputs
 
 pytestmark = pytest.mark.usefixtures("highest_precision")  # float32 parity
 
@@ -149,26 +150,6 @@ def test_keys_land_on_the_right_arrays(name, tmp_path):
                                 _np(adapter["cot_adapter.scale_sharpness"]))
 
 
-def _inputs(cfg, b=1, l_txt=5, n=6):
-  m = cfg.model
-  rng = np.random.default_rng(0)
-  axes = len(m.axes_dim)
-  ids = np.zeros((b, 2 * n, axes), np.float32)
-  ids[:, :, 1] = np.arange(2 * n) % 3
-  ids[:, :, 2] = np.arange(2 * n) // 3
-  ids[:, n:, 0] = 10 if m.family == "flux2" else 1
-  txt_ids = np.zeros((b, l_txt, axes), np.float32)
-  if m.family == "flux2":
-    txt_ids[:, :, 3] = np.arange(l_txt)
-  return dict(img=jnp.asarray(rng.standard_normal((b, 2 * n, m.in_channels)), jnp.float32),
-              img_ids=jnp.asarray(ids),
-              txt=jnp.asarray(rng.standard_normal((b, l_txt, m.context_in_dim)), jnp.float32),
-              txt_ids=jnp.asarray(txt_ids), timesteps=jnp.asarray([0.4] * b, jnp.float32),
-              vec=jnp.asarray(rng.standard_normal((b, m.vec_in_dim)), jnp.float32)
-              if m.vec_in_dim else None,
-              guidance=jnp.full((b,), 4.0) if m.guidance_embed else None)
-
-
 def _forward(model, x):
   graphdef, state = nnx.split(model)
   return jax.jit(lambda st, x: nnx.merge(graphdef, st)(**x))(state, x)
@@ -182,7 +163,7 @@ def test_import_reproduces_the_forward(name, tmp_path):
   cfg, model = _tiny(name)
   lora, adapter, paths = _upstream_files(cfg, tmp_path, dtype=torch.float32)
   convert.load_cotir_weights(model, *paths)
-  x = _inputs(cfg)
+  x = cotir_inputs(cfg, b=1, l_txt=5, n=6, t=(0.4,))
   got = _forward(model, x)
 
   _, ref = _tiny(name)  # same base weights (same seed), LoRA stripped and folded by hand
