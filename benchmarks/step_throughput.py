@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train-step throughput of cotir_jax beside a PyTorch CoTIR built from diffusers (issue 11).
+"""Train-step throughput of cotir_jax beside a PyTorch CoTIR built from diffusers.
 
 The same step on both sides, from the same pre-computed inputs (VAE latents of HQ / LQ, text
 features of the generic and specific prompts and of the three CoT answers), so the frozen

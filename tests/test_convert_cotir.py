@@ -23,7 +23,7 @@ from parity import cotir_inputs
 pytestmark = pytest.mark.usefixtures("highest_precision")  # float32 parity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# design.md "Numbers to hit": (adapter, LoRA in upstream layout)
+# Full-size parameter counts of upstream's files: (adapter, LoRA in upstream layout)
 COUNTS = {"cotir_4b": (1_014_752_259, 90_286_208), "cotir_9b": (1_829_062_147, 144_134_272),
           "cotir_12b": (981_711_363, 204_095_552)}
 

@@ -17,7 +17,8 @@ from parity import cotir_inputs, diffusers_meta
 
 pytestmark = pytest.mark.usefixtures("highest_precision")  # float32 parity
 
-# design.md "Numbers to hit"
+# Full-size parameter counts (transformer, adapter, LoRA in upstream's layout with B's bias):
+# the transformer's from diffusers on torch's meta device, the others from upstream's shapes.
 COUNTS = {
     "cotir_4b": (3_875_544_576, 1_014_752_259, 90_286_208),
     "cotir_9b": (9_078_581_248, 1_829_062_147, 144_134_272),

@@ -134,7 +134,7 @@ class PromptBank:
 
   Every prompt file is read here, at start-up, so an undecodable one stops the run before training
   (prompt_errors='stop') instead of inside a data worker; 'skip' drops its bad lines with a warning.
-  missing_prompt='skip' follows issue 5: a known label whose file is missing/empty raises PromptError
+  missing_prompt='skip': a known label whose file is missing/empty raises PromptError
   (the sample is skipped and counted). 'fallback' uses upstream's sentence "Please correct <label> issues.".
   """
 
