@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Build the committed CoTIR-Bench-layout sample dataset from scikit-image's bundled photographs.
 
-Output (upstream layout, spec §14.1-14.2):
+Output (upstream layout):
   <out>/image/<deg_type>/<deg_type>-NNNNNN.tar   webdataset shards: <key>.hq.png, <key>.lq.png, <key>.meta.json
   <out>/prompts/gen_prompt.txt                   generic prompts
   <out>/prompts/spe_prompt/<deg_type>.txt        specific prompts per degradation label
