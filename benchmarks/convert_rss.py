@@ -1,4 +1,4 @@
-"""Peak host memory of `convert/diffusers_to_orbax.py` on a ≥ 1 GB transformer (issue 4).
+"""Peak host memory of `convert/diffusers_to_orbax.py` on a ≥ 1 GB transformer.
 
 Builds a random FLUX.2-style diffusers transformer directory (hidden 2048, a few wide blocks,
 sharded safetensors written tensor by tensor; no torch model) in a temporary directory,

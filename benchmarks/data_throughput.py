@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Samples/s of one input worker from the tar source on 512x512 stored pairs (issue 5 item 8).
+"""Samples/s of one input worker from the tar source on 512x512 stored pairs.
 
 Measures the full per-sample work (tar read, 2 PNG decodes, [-1,1], resize, prompt picking,
 tokenization of 5 texts) in one process with one thread: the per-worker rate. Prints JSON.

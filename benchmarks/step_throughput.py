@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train-step throughput of cotir_jax beside a PyTorch CoTIR built from diffusers (issue 11).
+"""Train-step throughput of cotir_jax beside a PyTorch CoTIR built from diffusers.
 
 The same step on both sides, from the same pre-computed inputs (VAE latents of HQ / LQ, text
 features of the generic and specific prompts and of the three CoT answers), so the frozen
@@ -8,7 +8,7 @@ encoders are outside the comparison: prompt pick, flow-matching draws, forward o
 them and the dual Adam step on the multipliers. Ours is `train.step.make_train_step` itself
 with the encoders swapped for the pre-computed inputs; the PyTorch side is diffusers'
 `Flux2Transformer2DModel` (`FluxTransformer2DModel` for the Kontext family) with upstream's
-LoRA (spec §8) and a CoT adapter module (spec §7), both loaded with OUR initial weights
+LoRA and a CoT adapter module, both loaded with OUR initial weights
 through the converter tables. Step 0 is checked first: both sides must give the same losses and
 gradient norm from the same draws. Our full step (encoders included) is timed as well.
 
@@ -233,7 +233,7 @@ class Ours:
 # --------------------------------------------------------------------------- PyTorch
 
 def build_torch(cfg, frozen_model, params, device, dtype):
-  """diffusers transformer + LoRA (spec §8) + CoT adapter (spec §7) holding our weights."""
+  """diffusers transformer + LoRA + CoT adapter holding our weights."""
   import numpy as np
   import torch
   from torch_cotir import TorchCoTIR  # benchmarks/torch_cotir.py
@@ -283,7 +283,7 @@ class Torch:
     self.count = 0
 
   def _losses(self, x_0, t, use_gen):
-    """Forward + CoTIR losses (spec §10.4-10) from the draws (noise x_0, t, prompt choice)."""
+    """Forward + CoTIR losses from the draws (noise x_0, t, prompt choice)."""
     import torch
     import torch.nn.functional as F
     x = self.x

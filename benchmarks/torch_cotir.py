@@ -1,10 +1,10 @@
 """CoTIR in PyTorch for benchmarks/step_throughput.py: diffusers' FLUX.2 / FLUX.1 transformer,
-upstream's LoRA (spec §8) and a trainable CoT adapter module (spec §7) with upstream's
+upstream's LoRA and a trainable CoT adapter module with upstream's
 parameter names, so our weights load through the converter tables (`cot_adapter.pt` keys).
 
 tests/test_cotir_model.py holds an independent functional adapter that reads our module's
-weights on every call; training needs torch Parameters, hence this module. As upstream (spec
-§7.1), each adapter block computes linear1, attention and the MLP on every row of [txt; img]
+weights on every call; training needs torch Parameters, hence this module. As upstream,
+each adapter block computes linear1, attention and the MLP on every row of [txt; img]
 and keeps the text rows; ours computes queries and MLP on the text rows only (same numbers,
 ~5% fewer FLOPs in the wide CPU config's step).
 
@@ -25,7 +25,7 @@ from torch import nn
 
 
 class LoRALinear(nn.Module):
-  """base(x) + scale·B(A(x)) with B's bias (spec §8); base frozen. `rows` uses a slice of a
+  """base(x) + scale·B(A(x)) with B's bias (upstream's LoRA); base frozen. `rows` uses a slice of a
   shared (A, B) pair (FLUX.1's split linear1)."""
 
   def __init__(self, base: nn.Linear, rank: int, scale: float, shared=None, rows=None):
@@ -126,7 +126,8 @@ class CoTIRBlock(nn.Module):
 
 
 class CoTAdapter(nn.Module):
-  """Spec §7 with upstream's names; returns (txt residual, scene, degradation, plan)."""
+  """Upstream's CoT adapter with upstream's names; returns (txt residual, scene, degradation,
+  plan)."""
 
   def __init__(self, hidden: int, heads: int, mlp_ratio: float, out: int, depth: int):
     super().__init__()
@@ -151,7 +152,7 @@ class CoTAdapter(nn.Module):
 
 class TorchCoTIR(nn.Module):
   """`model(img, img_ids, txt, txt_ids, t, guidance=None, vec=None)` → (velocity, scene,
-  degradation, plan), the forward of spec §5 over diffusers' blocks; ids are [L, axes]."""
+  degradation, plan), upstream's CoTIR forward over diffusers' blocks; ids are [L, axes]."""
 
   def __init__(self, cfg):
     super().__init__()
@@ -171,7 +172,7 @@ class TorchCoTIR(nn.Module):
     a = m.cot_adapter
     self.cot_adapter = CoTAdapter(m.hidden_size, m.num_heads, a.mlp_ratio, a.out_channels, a.depth)
 
-  # ------------------------------------------------------------------ LoRA (spec §8)
+  # ------------------------------------------------------------------ LoRA
   def add_lora(self, rank: int, scale: float):
     """Wraps the single blocks' linears and the final layer's two linears."""
     bb = self.backbone
@@ -230,7 +231,7 @@ class TorchCoTIR(nn.Module):
           raise ValueError(f"{k}: ours {tuple(v.shape)}, torch {tuple(own[k].shape)}")
         own[k].copy_(v)
 
-  # ------------------------------------------------------------------ forward (spec §5)
+  # ------------------------------------------------------------------ forward
   def forward(self, img, img_ids, txt, txt_ids, t, guidance=None, vec=None):
     bb = self.backbone
     n_txt = txt.shape[1]

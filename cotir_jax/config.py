@@ -1,6 +1,6 @@
 """Configs: ml_collections `get_config()` files plus `a.b=v` overrides.
 
-Every recipe file in `configs/` starts from `defaults()` (upstream's training values, spec §0)
+Every recipe file in `configs/` starts from `defaults()` (upstream's training values)
 and a backbone preset, then changes only what differs. Field names follow upstream's YAML
 (`model.cot_adapter.*`, `model.lora.*`, `data.data_dir`, `training.iterations`, ...).
 Derived values (adapter width = backbone width, trainable dtype under `compat`) are
@@ -23,12 +23,11 @@ from ml_collections import config_dict
 
 from cotir_jax.cli import UserError
 from cotir_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
+from cotir_jax.models.layers import REMAT_POLICIES
 
 FAMILIES = ("flux2", "flux1")
 COMPAT_MODES = ("default", "upstream")
 LORA_INITS = ("zeros", "upstream")
-REMAT_POLICIES = ("none", "full", "dots", "save_attention", "save_qkv_attention",
-                  "offload_attention")  # models/layers.py: REMAT_POLICIES
 REMAT_PARTS = ("double_blocks", "single_blocks", "cot_adapter")
 DTYPES = ("float32", "bfloat16")
 MIXING = ("balanced", "shuffle")
@@ -95,7 +94,7 @@ def use_encoders(model: ml_collections.ConfigDict, family: str, size: str) -> No
 
 
 def encoder_configs(family: str, size: str) -> ml_collections.ConfigDict:
-  """The frozen encoders of a family (spec §9): `vae`, `text_encoder` and, for FLUX.1, `clip`.
+  """The frozen encoders of a family: `vae`, `text_encoder` and, for FLUX.1, `clip`.
 
   size: "4b" / "8b" (Qwen3 width of FLUX.2-klein-4B / 9B), "full" (FLUX.1: T5-XXL, CLIP-L) or
   "tiny" (random-weight CPU models).
@@ -115,7 +114,7 @@ def encoder_configs(family: str, size: str) -> ml_collections.ConfigDict:
 
 
 def backbone_preset(name: str) -> ml_collections.ConfigDict:
-  """Architecture of an upstream base model (spec §1): FLUX.2-klein-4B/9B or FLUX.1-Kontext-dev."""
+  """Architecture of an upstream base model: FLUX.2-klein-4B/9B or FLUX.1-Kontext-dev."""
   presets = {
       "flux.2-klein-4b": dict(family="flux2", hidden_size=3072, num_heads=24, depth=5,
                               depth_single_blocks=20, context_in_dim=7680),
@@ -152,11 +151,12 @@ def backbone_preset(name: str) -> ml_collections.ConfigDict:
 
 
 def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigDict:
-  """The upstream training recipe (spec §0) around a backbone preset."""
+  """The upstream training recipe around a backbone preset."""
   c = ml_collections.ConfigDict()
   c.project_name = "CoTIR"
   # "default": float32 RoPE/timesteps, float32 master weights, zero-init LoRA B.
-  # "upstream": every precision/init quirk of spec §12 and §17, as the released weights saw.
+  # "upstream": upstream's bf16 ids/RoPE/timesteps, bf16 trainable weights and Adam moments,
+  # default-init LoRA B with bias, lr 0 on the first step: as the released weights saw.
   c.compat = "default"
   # accelerate's names: "bf16" multiplies in bfloat16 (float32 accumulation), "no" in float32
   c.mixed_precision = "bf16"
@@ -190,7 +190,8 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   c.model.lora.lora_bias = True  # B's bias (upstream's LoRA always has one); False: none
   c.model.lora.merge_for_inference = False  # restore: fold LoRA into the base weights first
   c.model.lora.init = "zeros"    # "upstream": PyTorch default init of A, B and B's bias
-  # Frozen encoders (spec §9). With model.pretrained they come from the converted checkpoint.
+  # Frozen encoders (VAE, text, FLUX.1's CLIP). With model.pretrained they come from the
+  # converted checkpoint.
   qwen = {"flux.2-klein-4b": "4b", "flux.2-klein-9b": "8b"}.get(base_model_name, "full")
   use_encoders(c.model, c.model.family, qwen)
   c.model.encoder_dtype = "bfloat16"

@@ -56,10 +56,10 @@ import sys
 import numpy as np
 
 from cotir_jax import cli
+from cotir_jax.data.paired import IMAGE_SUFFIXES
 from cotir_jax.quality import PROTOCOLS, Protocol
 
 METRICS = ("psnr", "ssim", "lpips")  # upstream's full-reference columns, in its order
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 SUMMARY_NAME = "metrics_summary.txt"
 CSV_NAME = "metrics.csv"
 DEFAULT_PROTOCOL = "pyiqa"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 
 
 def input_dtype(compat: str):
@@ -28,14 +29,13 @@ def latent_dtype(family: str, compat: str):
 # --------------------------------------------------------------------------- FLUX.2 tokens / ids
 
 def flux2_tokens(latents: jax.Array) -> jax.Array:
-  """[B, h, w, 128] → [B, h·w, 128], row-major ("b c h w → b (h w) c" in NCHW terms)."""
-  b, h, w, c = latents.shape
-  return latents.reshape(b, h * w, c)
+  """[B, h, w, 128] → [B, h·w, 128], row-major."""
+  return rearrange(latents, "b h w c -> b (h w) c")
 
 
 def flux2_untokens(tokens: jax.Array, h: int, w: int) -> jax.Array:
   """Inverse of `flux2_tokens`: [B, h·w, C] → [B, h, w, C] for the VAE decoder."""
-  return tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1])
+  return rearrange(tokens, "b (h w) c -> b h w c", h=h, w=w)
 
 
 def flux2_img_ids(batch: int, h: int, w: int, t: float = 0.0, dtype=jnp.float32) -> jax.Array:
@@ -55,23 +55,13 @@ def flux2_txt_ids(batch: int, length: int, dtype=jnp.float32) -> jax.Array:
 # --------------------------------------------------------------------------- FLUX.1 tokens / ids
 
 def flux1_pack(latents: jax.Array) -> jax.Array:
-  """[B, H/8, W/8, 16] → [B, (H/16)(W/16), 64]; channel index c·4 + ph·2 + pw.
-
-  Same as einops "b c (hh ph) (ww pw) → b (hh ww) (c ph pw)" on the NCHW latent.
-  """
-  b, hh, ww, c = latents.shape
-  x = latents.reshape(b, hh // 2, 2, ww // 2, 2, c)          # b hh ph ww pw c
-  x = x.transpose(0, 1, 3, 5, 2, 4)                          # b hh ww c ph pw
-  return x.reshape(b, (hh // 2) * (ww // 2), c * 4)
+  """[B, H/8, W/8, 16] → [B, (H/16)(W/16), 64]; channel index c·4 + ph·2 + pw, as BFL packs."""
+  return rearrange(latents, "b (h ph) (w pw) c -> b (h w) (c ph pw)", ph=2, pw=2)
 
 
 def flux1_unpack(tokens: jax.Array, h: int, w: int) -> jax.Array:
   """Inverse of `flux1_pack`: [B, h·w, C·4] → [B, 2h, 2w, C] with h, w the token grid."""
-  b, _, cc = tokens.shape
-  c = cc // 4
-  x = tokens.reshape(b, h, w, c, 2, 2)                       # b hh ww c ph pw
-  x = x.transpose(0, 1, 4, 2, 5, 3)                          # b hh ph ww pw c
-  return x.reshape(b, 2 * h, 2 * w, c)
+  return rearrange(tokens, "b (h w) (c ph pw) -> b (h ph) (w pw) c", h=h, w=w, ph=2, pw=2)
 
 
 def flux1_img_ids(batch: int, h: int, w: int, t: float = 0.0, dtype=jnp.float32) -> jax.Array:

@@ -1,4 +1,4 @@
-"""`python -m cotir_jax.restore`: restore images with trained or released CoTIR weights (spec §15).
+"""`python -m cotir_jax.restore`: restore images with trained or released CoTIR weights.
 
     python -m cotir_jax.restore --config configs/cotir_4b.py --weights W --input PATH --out DIR
         [--prompt TEXT] [--num_steps N] [--seed S] [--max_long_edge PX] [--batch_size B] [--ema]

@@ -1,4 +1,4 @@
-"""Euler sampler with upstream's timestep schedules (spec §15): validation images and inference.
+"""Euler sampler with upstream's timestep schedules: validation images and inference.
 
 Time runs from t = 1 (noise) to t = 0 (data); the model predicts v = noise − data, so each step
 is x ← x + (t_next − t_cur)·v. The clean conditioning tokens are re-fed every step with the
@@ -32,7 +32,7 @@ def _linspace_1_0(n: int) -> np.ndarray:
 
 
 def empirical_mu(image_seq_len: int, num_steps: int) -> float:
-  """FLUX.2's empirical μ(N, n) (klein), spec §15."""
+  """FLUX.2's empirical μ(N, n) (klein): the schedule shift for N image tokens, n steps."""
   a1, b1 = 8.73809524e-05, 1.89833333
   a2, b2 = 0.00016927, 0.45666666
   if image_seq_len > 4300:
@@ -123,7 +123,7 @@ def euler_sample(velocity_fn: Callable, x_c: jax.Array, img_ids: jax.Array, cond
 def restore_images(model, vae, lq: jax.Array, txt: jax.Array, *, family: str, num_steps: int,
                    keys: jax.Array, vec: jax.Array | None = None, guidance: float | None = None,
                    timesteps: jax.Array | None = None, compat: str = "default") -> jax.Array:
-  """LQ images [B, H, W, 3] in [-1, 1] → restored images of the same shape (spec §15).
+  """LQ images [B, H, W, 3] in [-1, 1] → restored images of the same shape.
 
   The VAE latent tokens of the LQ images condition `num_steps` Euler steps of the CoTIR
   `model` on text features `txt` (`vec`: FLUX.1's CLIP vector), starting from N(0, I) noise

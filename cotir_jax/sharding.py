@@ -7,7 +7,7 @@ logical name to a mesh axis, a tuple of mesh axes, or None (replicated). The bat
 every activation, is sharded over ('data', 'fsdp'): under FSDP each chip computes its share of
 the batch and gathers weights layer by layer, instead of XLA choosing to split activations by
 hidden width and computing attention for the whole global batch on every chip. The same code
-runs on 1 CPU, 8 simulated devices, a GPU and a TPU pod (design decision 4).
+runs on 1 CPU, 8 simulated devices, a GPU and a TPU pod.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Host-side tokenizers for the frozen text encoders (spec §9.3–9.4), loaded offline.
+"""Host-side tokenizers for the frozen text encoders, loaded offline.
 
 Each wraps the tokenizer a model repository ships (`tokenizer/`, `tokenizer_2/`) through
 transformers, and reproduces upstream's call exactly: fixed-length right padding

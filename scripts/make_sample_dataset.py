@@ -4,7 +4,7 @@
 Two sets from disjoint photographs: the training pairs (`data/sample`) and the held-out pairs
 that the tiny configs validate on (`data/sample_val`, `data.val_data_dir`; one per degradation
 type). The tiny pretrained base (`scripts/pretrain_tiny_base.py`) never sees the held-out
-photographs either. Output (upstream layout, spec §14.1-14.2), for each set:
+photographs either. Output (upstream layout), for each set:
   <out>/image/<deg_type>/<deg_type>-NNNNNN.tar   webdataset shards: <key>.hq.png, <key>.lq.png, <key>.meta.json
   <out>/prompts/gen_prompt.txt                   generic prompts
   <out>/prompts/spe_prompt/<deg_type>.txt        specific prompts per degradation label

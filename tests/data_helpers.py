@@ -61,7 +61,7 @@ EXPECTED_SKIPS = {"corrupt_png": 2, "truncated_tar": 1, "missing_member": 1, "in
 
 
 def corruption_fixture(root: Path) -> tuple[Path, set[str]]:
-  """Good 64x64 samples of 3 types plus one sample per corruption of issue 5 item 6. Returns (root, good keys)."""
+  """Good 64x64 samples of 3 types plus one sample per kind of corruption. Returns (root, good keys)."""
   mod = sample_script()
   mod.build_dataset(root, size=64, per_type=6, per_shard=3, seed=1, types=["blur", "haze", "noise"])
   good = set()

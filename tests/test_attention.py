@@ -20,6 +20,9 @@ from jax.sharding import PartitionSpec as P
 
 from cotir_jax import config
 from cotir_jax.models import attention
+from parity import rel
+
+pytestmark = pytest.mark.usefixtures("highest_precision")  # float32 parity
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 XLA = attention.AttentionSpec("xla")
@@ -43,10 +46,6 @@ def _value_and_grads(spec, q, k, v, **kw):
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)).lower(q, k, v)
   (_, out), grads = step.compile(FAST_COMPILE)(q, k, v)
   return [np.asarray(x, np.float32) for x in (out, *grads)]
-
-
-def _rel(a, ref):
-  return float(np.max(np.abs(a - ref)) / np.max(np.abs(ref)))
 
 
 def test_resolve():
@@ -92,7 +91,7 @@ def test_splash_matches_xla_float32(lq, lk):
   for name, a, ref in zip(("out", "dq", "dk", "dv"), _value_and_grads(SPLASH, q, k, v),
                           _value_and_grads(XLA, q, k, v)):
     assert a.shape == ref.shape
-    assert _rel(a, ref) <= 2e-5, (name, _rel(a, ref))
+    assert rel(a, ref) <= 2e-5, (name, rel(a, ref))
 
 
 def test_splash_matches_xla_bfloat16():
@@ -101,7 +100,7 @@ def test_splash_matches_xla_bfloat16():
   exact = _value_and_grads(XLA, *(x.astype(jnp.float32) for x in (q, k, v)))
   for name, a, ref, truth in zip(("out", "dq", "dk", "dv"), _value_and_grads(SPLASH, q, k, v),
                                  _value_and_grads(XLA, q, k, v), exact):
-    assert _rel(a, truth) <= 2 * _rel(ref, truth) + 1e-3, (name, _rel(a, truth), _rel(ref, truth))
+    assert rel(a, truth) <= 2 * rel(ref, truth) + 1e-3, (name, rel(a, truth), rel(ref, truth))
 
 
 def test_splash_causal_padding_grouped_queries_float32():
@@ -112,7 +111,7 @@ def test_splash_causal_padding_grouped_queries_float32():
   kw = dict(causal=True, kv_lengths=jnp.asarray([200, 75], jnp.int32))
   for name, a, ref in zip(("out", "dq", "dk", "dv"), _value_and_grads(SPLASH, q, k, v, **kw),
                           _value_and_grads(XLA, q, k, v, **kw)):
-    assert _rel(a, ref) <= 2e-5, (name, _rel(a, ref))
+    assert rel(a, ref) <= 2e-5, (name, rel(a, ref))
 
 
 def test_splash_residuals_are_named_for_remat():
@@ -285,4 +284,4 @@ def test_cudnn_matches_xla(case):
   exact = _value_and_grads(XLA, *(x.astype(jnp.float32) for x in (q, k, v)), **kw)
   for name, a, ref, truth in zip(("out", "dq", "dk", "dv"), _value_and_grads(spec, q, k, v, **kw),
                                  _value_and_grads(XLA, q, k, v, **kw), exact):
-    assert _rel(a, truth) <= 2 * _rel(ref, truth) + 1e-3, (name, _rel(a, truth), _rel(ref, truth))
+    assert rel(a, truth) <= 2 * rel(ref, truth) + 1e-3, (name, rel(a, truth), rel(ref, truth))

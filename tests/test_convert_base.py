@@ -18,6 +18,9 @@ from cotir_jax import convert
 from cotir_jax.convert.base import read_manifest, restore_base_params
 from cotir_jax.convert.core import ConversionError, flat_params
 from cotir_jax.models.vae import tiny_vae_config
+from parity import diffusers_forward, rel
+
+pytestmark = pytest.mark.usefixtures("highest_precision")  # float32 parity
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -26,11 +29,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZERS = os.path.join(ROOT, "assets", "tokenizers")
 FP32_TOL = 2e-5
 SHARD = "60KB"
-
-
-def _rel(a, ref):
-  a, ref = np.asarray(a, np.float32), np.asarray(ref, np.float32)
-  return float(np.abs(a - ref).max() / np.abs(ref).max())
 
 
 def _perturb(model, seed):
@@ -145,7 +143,7 @@ def test_layout_and_manifest(converted):
     n_ref = sum(p.numel() for p in ref.parameters())
     if e["kind"] == "vae" and family == "flux2":
       n_ref += 2 * ref.bn.running_mean.numel()  # BatchNorm statistics are buffers there
-    if e.get("hidden_layers"):  # Qwen3: the final norm and deeper layers are never run (§9.3)
+    if e.get("hidden_layers"):  # Qwen3: the final norm and deeper layers are never run
       keep = max(e["hidden_layers"])
       n_ref = sum(p.numel() for k, p in ref.named_parameters()
                   if not k.startswith("norm.") and not (k.startswith("layers.")
@@ -199,18 +197,6 @@ def _transformer_inputs(family, b=2, l_txt=7, grid=(2, 3)):
               guidance=np.full((b,), 4.0, np.float32) if family == "flux1" else None)
 
 
-def _transformer_reference(model, x):
-  kw = {}
-  if x["vec"] is not None:
-    kw = dict(pooled_projections=torch.from_numpy(x["vec"]),
-              guidance=torch.from_numpy(x["guidance"]))
-  with torch.no_grad():
-    return model(hidden_states=torch.from_numpy(x["img"]),
-                 encoder_hidden_states=torch.from_numpy(x["txt"]),
-                 timestep=torch.from_numpy(x["t"]), img_ids=torch.from_numpy(x["img_ids"]),
-                 txt_ids=torch.from_numpy(x["txt_ids"]), return_dict=False, **kw)[0].numpy()
-
-
 def _transformer_ours(model, x):
   b = x["img"].shape[0]
   batched = lambda ids: jnp.broadcast_to(jnp.asarray(ids), (b, *ids.shape))
@@ -229,15 +215,15 @@ def _ids(shape, vocab, seed):
 def test_pytorch_parity(converted):
   family, mods, loaded = converted["family"], converted["mods"], converted["loaded"]
   x = _transformer_inputs(family)
-  ref = _transformer_reference(mods["transformer"], x)
-  assert _rel(_transformer_ours(loaded["transformer"], x), ref) <= FP32_TOL
+  ref = diffusers_forward(mods["transformer"], x)
+  assert rel(_transformer_ours(loaded["transformer"], x), ref) <= FP32_TOL
 
   images = np.random.default_rng(0).uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32)
   with torch.no_grad():
     mean = mods["vae"].encode(torch.from_numpy(images).permute(0, 3, 1, 2)).latent_dist.mode()
   # compare the raw posterior mean (the packing / normalisation are tested with the VAE)
   ours = _jit_method(loaded["vae"], "_posterior_mean", jnp.asarray(images))
-  assert _rel(ours, mean.permute(0, 2, 3, 1).numpy()) <= FP32_TOL
+  assert rel(ours, mean.permute(0, 2, 3, 1).numpy()) <= FP32_TOL
 
   ids = _ids((2, 12), 1000, 1)
   if family == "flux2":
@@ -250,16 +236,18 @@ def test_pytorch_parity(converted):
     with torch.no_grad():
       ref = mods["text_encoder_2"](input_ids=ids).last_hidden_state.numpy()
     ours = _jit(loaded["text_encoder"], jnp.asarray(ids.numpy(), jnp.int32))
-  assert _rel(ours, ref) <= FP32_TOL
+  assert rel(ours, ref) <= FP32_TOL
 
 
 def test_restore_into_sharded_targets(converted):
   """What training does: restore one module straight into abstract targets with shardings."""
   out = str(converted["out"])
-  from cotir_jax.convert.base import abstract_targets
+  from cotir_jax.convert.base import module_builder
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  build, _ = module_builder(out, "transformer")
+  targets = nnx.to_pure_dict(nnx.state(nnx.eval_shape(build)))
   targets = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16, sharding=sharding),
-                         abstract_targets(out, "transformer"))
+                         targets)
   tree = restore_base_params(out, ("transformer",), targets={"transformer": targets})
   leaf = tree["transformer"]["img_in"]["kernel"]
   assert isinstance(leaf, jax.Array) and leaf.dtype == jnp.bfloat16

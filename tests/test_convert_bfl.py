@@ -18,6 +18,9 @@ from cotir_jax.convert import bfl
 from cotir_jax.convert.core import ConversionError, check_coverage, flat_params
 from cotir_jax.convert.flux import spec_from_diffusers
 from cotir_jax.convert.safetensors_io import save_file
+from parity import diffusers_meta
+
+pytestmark = pytest.mark.usefixtures("highest_precision")  # float32 parity
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.loaders import single_file_utils  # noqa: E402
@@ -158,19 +161,6 @@ def test_bfl_file_gives_the_diffusers_parameters(tmp_path, family, prefix):
   _assert_same_params(ours, convert.load_transformer(str(tmp_path / "diffusers")))
 
 
-def _diffusers_meta(cfg):
-  from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
-  m = cfg.model
-  with torch.device("meta"):
-    if m.family == "flux2":
-      return Flux2Transformer2DModel(num_layers=m.depth, num_single_layers=m.depth_single_blocks,
-                                     attention_head_dim=m.hidden_size // m.num_heads,
-                                     num_attention_heads=m.num_heads,
-                                     joint_attention_dim=m.context_in_dim,
-                                     axes_dims_rope=tuple(m.axes_dim), guidance_embeds=False)
-    return FluxTransformer2DModel(guidance_embeds=True)  # other defaults are FLUX.1-Kontext-dev
-
-
 @pytest.mark.parametrize("name", ["cotir_4b", "cotir_9b", "cotir_12b"])
 def test_full_size_coverage_and_config(name):
   """klein-4B / klein-9B / Kontext at full size, shapes only: diffusers maps the BFL layout back
@@ -178,7 +168,7 @@ def test_full_size_coverage_and_config(name):
   the config derived from the file is the recipe's architecture."""
   cfg = config.load(os.path.join(ROOT, "configs", f"{name}.py"))
   m = cfg.model
-  sd = _diffusers_meta(cfg).state_dict()
+  sd = diffusers_meta(cfg).state_dict()
   bfl_sd = _to_bfl(sd, m.family)
   back = _from_bfl(bfl_sd, m.family)
   assert {k: tuple(v.shape) for k, v in back.items()} == {k: tuple(v.shape) for k, v in sd.items()}

@@ -18,19 +18,68 @@ from cotir_jax.convert import cotir as C
 from cotir_jax.convert.core import ConversionError, check_coverage, flat_params
 from cotir_jax.convert.orbax_io import load_trainable
 from cotir_jax.models.layers import Dense
+from parity import cotir_inputs
+
+pytestmark = pytest.mark.usefixtures("highest_precision")  # float32 parity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# design.md "Numbers to hit": (adapter, LoRA in upstream layout)
+# Full-size parameter counts of upstream's files: (adapter, LoRA in upstream layout)
 COUNTS = {"cotir_4b": (1_014_752_259, 90_286_208), "cotir_9b": (1_829_062_147, 144_134_272),
           "cotir_12b": (981_711_363, 204_095_552)}
 
 
+def upstream_shapes(cfg_model) -> dict[str, tuple[int, ...]]:
+  """Reference key → shape of upstream's files, computed from the config as upstream builds its
+  LoRA and adapter: independent of the conversion table under test."""
+  m = cfg_model
+  h, family = m.hidden_size, m.family
+  mh = int(h * m.mlp_ratio)
+  l1 = 3 * h + (2 * mh if family == "flux2" else mh)
+  out_ch = m.get("out_channels") or m.in_channels
+  shapes: dict[str, tuple[int, ...]] = {}
+
+  def lora(name, i, o):
+    r = min(m.lora.rank, i, o)
+    shapes.update({f"{name}.lora_A.weight": (r, i), f"{name}.lora_B.weight": (o, r),
+                   f"{name}.lora_B.bias": (o,)})
+
+  if m.lora.enabled:
+    for i in range(m.depth_single_blocks):
+      lora(f"single_blocks.{i}.linear1", h, l1)
+      lora(f"single_blocks.{i}.linear2", h + mh, h)
+      if family == "flux1":
+        lora(f"single_blocks.{i}.modulation.lin", h, 3 * h)
+    lora("final_layer.linear", h, out_ch)
+    lora("final_layer.adaLN_modulation.1", h, 2 * h)
+
+  a = m.cot_adapter
+  ah, amh, out = a.hidden_size, int(a.hidden_size * a.mlp_ratio), a.out_channels
+  hd = ah // a.num_heads
+
+  def lin(name, i, o):
+    shapes.update({f"{name}.weight": (o, i), f"{name}.bias": (o,)})
+
+  for i in range(a.depth):
+    d = f"cot_adapter.decoder.{i}"
+    lin(f"{d}.linear1", ah, 3 * ah + amh)
+    lin(f"{d}.linear2", ah + amh, ah)
+    shapes[f"{d}.norm.query_norm.scale"] = (hd,)
+    shapes[f"{d}.norm.key_norm.scale"] = (hd,)
+    lin(f"{d}.modulation.lin", ah, 3 * ah)
+  for n in C.HEADS:
+    lin(f"cot_adapter.{n}_layer", 2 * ah if n == "planning" else ah, ah)
+    lin(f"cot_adapter.final_{n}_layer.linear", ah, out)
+    lin(f"cot_adapter.final_{n}_layer.adaLN_modulation.1", ah, 2 * ah)
+    shapes[f"cot_adapter.scale_{n}"] = (1,)
+  return shapes
+
+
 @pytest.mark.parametrize("name", sorted(COUNTS))
 def test_full_size_coverage(name):
-  """Every upstream key (from the spec's formulas) maps, every trainable param is covered."""
+  """Every upstream key (from upstream's shapes) maps, every trainable param is covered."""
   cfg = config.load(f"configs/{name}.py")
   model = nnx.eval_shape(lambda: models.CoTIR(cfg.model, rngs=nnx.Rngs(0)))
-  ref = C.upstream_shapes(cfg.model)
+  ref = upstream_shapes(cfg.model)
   lora_ref = {k: v for k, v in ref.items() if not k.startswith("cot_adapter.")}
   adapter_ref = {k: v for k, v in ref.items() if k.startswith("cot_adapter.")}
   count = lambda shapes: sum(int(np.prod(s)) for s in shapes.values())
@@ -48,7 +97,7 @@ def test_full_size_coverage(name):
 def _upstream_files(cfg, tmp, dtype=torch.bfloat16, seed=0, fmt="pt"):
   """Random tensors under upstream names/shapes, saved as upstream does (torch.save dicts)."""
   g = torch.Generator().manual_seed(seed)
-  shapes = C.upstream_shapes(cfg.model)
+  shapes = upstream_shapes(cfg.model)
   sd = {k: (torch.randn(s, generator=g) * 0.2).to(dtype) for k, s in shapes.items()}
   lora = {k: v for k, v in sd.items() if not k.startswith("cot_adapter.")}
   adapter = {k: v for k, v in sd.items() if k.startswith("cot_adapter.")}
@@ -101,26 +150,6 @@ def test_keys_land_on_the_right_arrays(name, tmp_path):
                                 _np(adapter["cot_adapter.scale_sharpness"]))
 
 
-def _inputs(cfg, b=1, l_txt=5, n=6):
-  m = cfg.model
-  rng = np.random.default_rng(0)
-  axes = len(m.axes_dim)
-  ids = np.zeros((b, 2 * n, axes), np.float32)
-  ids[:, :, 1] = np.arange(2 * n) % 3
-  ids[:, :, 2] = np.arange(2 * n) // 3
-  ids[:, n:, 0] = 10 if m.family == "flux2" else 1
-  txt_ids = np.zeros((b, l_txt, axes), np.float32)
-  if m.family == "flux2":
-    txt_ids[:, :, 3] = np.arange(l_txt)
-  return dict(img=jnp.asarray(rng.standard_normal((b, 2 * n, m.in_channels)), jnp.float32),
-              img_ids=jnp.asarray(ids),
-              txt=jnp.asarray(rng.standard_normal((b, l_txt, m.context_in_dim)), jnp.float32),
-              txt_ids=jnp.asarray(txt_ids), timesteps=jnp.asarray([0.4] * b, jnp.float32),
-              vec=jnp.asarray(rng.standard_normal((b, m.vec_in_dim)), jnp.float32)
-              if m.vec_in_dim else None,
-              guidance=jnp.full((b,), 4.0) if m.guidance_embed else None)
-
-
 def _forward(model, x):
   graphdef, state = nnx.split(model)
   return jax.jit(lambda st, x: nnx.merge(graphdef, st)(**x))(state, x)
@@ -134,7 +163,7 @@ def test_import_reproduces_the_forward(name, tmp_path):
   cfg, model = _tiny(name)
   lora, adapter, paths = _upstream_files(cfg, tmp_path, dtype=torch.float32)
   convert.load_cotir_weights(model, *paths)
-  x = _inputs(cfg)
+  x = cotir_inputs(cfg, b=1, l_txt=5, n=6, t=(0.4,))
   got = _forward(model, x)
 
   _, ref = _tiny(name)  # same base weights (same seed), LoRA stripped and folded by hand

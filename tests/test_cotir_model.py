@@ -13,8 +13,12 @@ from cotir_jax import config, models
 from cotir_jax.convert.core import check_coverage, flat_params
 from cotir_jax.convert.flux import transformer_rules
 from cotir_jax.models.layers import Dense, rope_angles, timestep_embedding
+from parity import cotir_inputs, diffusers_meta
 
-# design.md "Numbers to hit"
+pytestmark = pytest.mark.usefixtures("highest_precision")  # float32 parity
+
+# Full-size parameter counts (transformer, adapter, LoRA in upstream's layout with B's bias):
+# the transformer's from diffusers on torch's meta device, the others from upstream's shapes.
 COUNTS = {
     "cotir_4b": (3_875_544_576, 1_014_752_259, 90_286_208),
     "cotir_9b": (9_078_581_248, 1_829_062_147, 144_134_272),
@@ -24,19 +28,6 @@ COUNTS = {
 
 def _count(state):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
-
-
-def _diffusers_meta(cfg):
-  from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
-  m = cfg.model
-  with torch.device("meta"):
-    if m.family == "flux2":
-      return Flux2Transformer2DModel(num_layers=m.depth, num_single_layers=m.depth_single_blocks,
-                                     attention_head_dim=m.hidden_size // m.num_heads,
-                                     num_attention_heads=m.num_heads,
-                                     joint_attention_dim=m.context_in_dim,
-                                     axes_dims_rope=tuple(m.axes_dim), guidance_embeds=False)
-    return FluxTransformer2DModel(guidance_embeds=True)  # other defaults are FLUX.1-Kontext-dev
 
 
 @pytest.mark.parametrize("name", sorted(COUNTS))
@@ -49,7 +40,7 @@ def test_full_size_counts_and_table_coverage(name):
   assert _count(nnx.state(model, nnx.LoRAParam)) == lora
   assert _count(nnx.state(model, models.TRAINABLE)) == adapter + lora
 
-  reference = _diffusers_meta(cfg)
+  reference = diffusers_meta(cfg)
   ref_shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
   assert sum(int(np.prod(s)) for s in ref_shapes.values()) == backbone
   targets = {k: v for k, v in flat_params(nnx.state(model.backbone, nnx.Not(nnx.LoRAParam))).items()}
@@ -73,30 +64,10 @@ def _tiny(name="tiny", **overrides):
   return cfg, models.CoTIR(cfg.model, rngs=nnx.Rngs(0))
 
 
-def _inputs(cfg, seed=0, b=2, l_txt=11, n=12):
-  m = cfg.model
-  rng = np.random.default_rng(seed)
-  axes = len(m.axes_dim)
-  ids = np.zeros((b, 2 * n, axes), np.float32)
-  ids[:, :, 1] = np.arange(2 * n) % 3
-  ids[:, :, 2] = np.arange(2 * n) // 3
-  ids[:, n:, 0] = 10 if m.family == "flux2" else 1
-  txt_ids = np.zeros((b, l_txt, axes), np.float32)
-  if m.family == "flux2":
-    txt_ids[:, :, 3] = np.arange(l_txt)
-  return dict(
-      img=jnp.asarray(rng.standard_normal((b, 2 * n, m.in_channels)), jnp.float32),
-      img_ids=jnp.asarray(ids), txt=jnp.asarray(rng.standard_normal((b, l_txt, m.context_in_dim)),
-                                                jnp.float32),
-      txt_ids=jnp.asarray(txt_ids), timesteps=jnp.asarray([0.2, 0.7], jnp.float32),
-      vec=jnp.asarray(rng.standard_normal((b, m.vec_in_dim)), jnp.float32) if m.vec_in_dim else None,
-      guidance=jnp.full((b,), 4.0) if m.guidance_embed else None)
-
-
 @pytest.mark.parametrize("name", ["tiny", "tiny_kontext"])
 def test_zero_scales_leave_backbone_unchanged_and_head_shapes(name):
   cfg, model = _tiny(name)
-  x = _inputs(cfg)
+  x = cotir_inputs(cfg)
   velocity, scene, degradation, plan = _forward(model, x)
   np.testing.assert_array_equal(np.asarray(velocity), np.asarray(_forward(model, x, "backbone")))
   for head in (scene, degradation, plan):
@@ -107,7 +78,7 @@ def test_zero_scales_leave_backbone_unchanged_and_head_shapes(name):
 
 def test_gradients_reach_the_scales():
   cfg, model = _tiny()
-  x = _inputs(cfg)
+  x = cotir_inputs(cfg)
   graphdef, trainable, rest = nnx.split(model, models.TRAINABLE, ...)
 
   def loss(tr):
@@ -129,7 +100,7 @@ def _strip_lora(model):
 @pytest.mark.parametrize("name", ["tiny", "tiny_kontext"])
 def test_zero_init_lora_leaves_output_unchanged(name):
   cfg, model = _tiny(name)
-  x = _inputs(cfg)
+  x = cotir_inputs(cfg)
   with_lora = np.asarray(_forward(model, x, "backbone"))
   np.testing.assert_array_equal(with_lora, np.asarray(_forward(_strip_lora(model), x, "backbone")))
 
@@ -137,7 +108,7 @@ def test_zero_init_lora_leaves_output_unchanged(name):
 @pytest.mark.parametrize("name", ["tiny", "tiny_kontext"])
 def test_merged_equals_unmerged(name):
   cfg, model = _tiny(name, **{"model.lora.init": "upstream"})
-  x = _inputs(cfg)
+  x = cotir_inputs(cfg)
   unmerged = np.asarray(_forward(model, x, "backbone"))
   without = np.asarray(_forward(_strip_lora(_tiny(name, **{"model.lora.init": "upstream"})[1]), x,
                                 "backbone"))
@@ -191,7 +162,7 @@ def test_lora_targets_and_ranks():
   assert prefixes == {"backbone.single_blocks.linear1", "backbone.single_blocks.linear2",
                       "backbone.single_blocks.modulation.lin", "backbone.final_layer.linear",
                       "backbone.final_layer.adaLN_modulation"}
-  assert model.backbone.final_layer.linear.lora.rank == 64  # min(96, 3072, 64), spec §17.2
+  assert model.backbone.final_layer.linear.lora.rank == 64  # upstream clamps: min(96, 3072, 64)
 
 
 def test_trainable_filter_is_lora_plus_adapter():
@@ -202,7 +173,7 @@ def test_trainable_filter_is_lora_plus_adapter():
   assert set(trainable) == set(lora) | {f"cot_adapter.{k}" for k in adapter}
 
 
-# --- the CoT adapter against an independent PyTorch implementation of spec §7 -------------------
+# --- the CoT adapter against an independent PyTorch implementation of upstream's -----------------
 
 def _t(x):
   return torch.from_numpy(np.array(x, np.float32))
@@ -289,7 +260,7 @@ def test_adapter_matches_torch_reference_float32():
     assert np.abs(np.asarray(o) - r).max() <= 2e-5 * np.abs(r).max()
 
 
-# --- compat="upstream" precision quirks (spec §12) -----------------------------------------------
+# --- compat="upstream" precision quirks --------------------------------------------------------
 
 def test_upstream_rope_positions_quantise_like_bfloat16():
   ids = np.zeros((1, 512, 4), np.float32)
@@ -314,5 +285,5 @@ def test_compat_upstream_trainables_are_bfloat16():
   cfg, model = _tiny(compat="upstream")
   dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(model, models.TRAINABLE))}
   assert dtypes == {jnp.dtype(jnp.bfloat16)}
-  v, *_ = _forward(model, _inputs(cfg))
+  v, *_ = _forward(model, cotir_inputs(cfg))
   assert np.isfinite(np.asarray(v)).all()

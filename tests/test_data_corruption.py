@@ -1,4 +1,4 @@
-"""Issue 5 item 6: every kind of bad input is skipped, counted per reason, logged; too many is a clear error."""
+"""Every kind of bad input is skipped, counted per reason, logged; too many is a clear error."""
 
 import json
 import logging

@@ -1,4 +1,4 @@
-"""Issue 13: inputs that crashed a run or vanished uncounted -- a decompression-bomb PNG, prompt files that
+"""Inputs that crashed a run or vanished uncounted -- a decompression-bomb PNG, prompt files that
 are not UTF-8, unreadable entries under image/, shards that are not sound tars -- are each skipped and
 counted with reason and path, or stop start-up with one clear error. Fixtures are generated here."""
 

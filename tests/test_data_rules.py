@@ -1,4 +1,4 @@
-"""Issue 5 item 3: upstream's per-sample rules, one test per rule."""
+"""Upstream's per-sample rules, one test per rule."""
 
 import io
 import json

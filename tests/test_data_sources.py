@@ -1,4 +1,4 @@
-"""Issue 5 items 1-2: the tar index (cached, rebuilt on change, reads in place) and the TFDS/ArrayRecord build."""
+"""The tar index (cached, rebuilt on change, reads in place) and the TFDS/ArrayRecord build."""
 
 import io
 import os

@@ -350,7 +350,7 @@ def _backbone_grad(cfg, devices):
   """The step's backbone + adapter forward and backward to the trainable weights, compiled for
   `devices` (encoders, losses and optimizer left out: the part its layer loops are in)."""
   from flax import nnx
-  from cotir_jax.train import objective as obj
+  from cotir_jax import latents
   prog = Program.build(cfg, devices=devices)
   m, b, patch = cfg.model, 2, int(cfg.training.patch_sizes[0])
   n_img, n_txt = (patch // 16) ** 2, int(cfg.data.max_length)
@@ -358,7 +358,7 @@ def _backbone_grad(cfg, devices):
   s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=one)
 
   def grads(params, frozen, img, txt, t):
-    tgt_ids, cnd_ids, txt_ids = obj.position_ids(b, (patch // 16, patch // 16), n_txt, m.family)
+    tgt_ids, cnd_ids, txt_ids = latents.position_ids(b, (patch // 16, patch // 16), n_txt, m.family)
 
     def loss(p):
       model = nnx.merge(prog.graphs.model, p, frozen["model"])

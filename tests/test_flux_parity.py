@@ -7,6 +7,9 @@ import torch
 import jax.numpy as jnp
 
 from cotir_jax import convert
+from parity import diffusers_forward, rel
+
+pytestmark = pytest.mark.usefixtures("highest_precision")  # float32 parity
 
 # bfloat16 weights and compute against the float32 reference: relative max error bound.
 # Observed ~1e-2 on these tiny models; 5e-2 leaves room across platforms.
@@ -57,23 +60,6 @@ def _ours(model, x):
   return np.asarray(out, np.float32)
 
 
-def _reference(model, x):
-  kw = {}
-  if x["vec"] is not None:
-    kw["pooled_projections"] = torch.from_numpy(x["vec"])
-  if x["guidance"] is not None:
-    kw["guidance"] = torch.from_numpy(x["guidance"])
-  with torch.no_grad():
-    return model(hidden_states=torch.from_numpy(x["img"]),
-                 encoder_hidden_states=torch.from_numpy(x["txt"]),
-                 timestep=torch.from_numpy(x["t"]), img_ids=torch.from_numpy(x["img_ids"]),
-                 txt_ids=torch.from_numpy(x["txt_ids"]), return_dict=False, **kw)[0].numpy()
-
-
-def _rel(a, ref):
-  return float(np.abs(a - ref).max() / np.abs(ref).max())
-
-
 @pytest.fixture(scope="module")
 def flux2_dir(tmp_path_factory):
   from diffusers import Flux2Transformer2DModel
@@ -104,7 +90,7 @@ def test_flux2_float32_parity(flux2_dir):
   x = _inputs("flux2", 128, 96, 0)
   ours = convert.load_transformer(path)
   assert ours.spec.family == "flux2" and ours.spec.depth == 2
-  assert _rel(_ours(ours, x), _reference(ref_model, x)) <= 2e-5
+  assert rel(_ours(ours, x), diffusers_forward(ref_model, x)) <= 2e-5
 
 
 def test_flux2_bfloat16_within_bound(flux2_dir):
@@ -112,7 +98,7 @@ def test_flux2_bfloat16_within_bound(flux2_dir):
   x = _inputs("flux2", 128, 96, 0)
   ours = convert.load_transformer(path, dtype=jnp.bfloat16)
   assert ours.img_in.kernel[...].dtype == jnp.bfloat16
-  assert _rel(_ours(ours, x), _reference(ref_model, x)) <= BF16_BOUND
+  assert rel(_ours(ours, x), diffusers_forward(ref_model, x)) <= BF16_BOUND
 
 
 def test_flux1_kontext_float32_parity(flux1_dir):
@@ -120,14 +106,14 @@ def test_flux1_kontext_float32_parity(flux1_dir):
   x = _inputs("flux1", 64, 32, 24)
   ours = convert.load_transformer(path)
   assert ours.spec.family == "flux1" and ours.spec.guidance_embed
-  assert _rel(_ours(ours, x), _reference(ref_model, x)) <= 2e-5
+  assert rel(_ours(ours, x), diffusers_forward(ref_model, x)) <= 2e-5
 
 
 def test_flux1_kontext_bfloat16_within_bound(flux1_dir):
   ref_model, path = flux1_dir
   x = _inputs("flux1", 64, 32, 24)
   ours = convert.load_transformer(path, dtype=jnp.bfloat16)
-  assert _rel(_ours(ours, x), _reference(ref_model, x)) <= BF16_BOUND
+  assert rel(_ours(ours, x), diffusers_forward(ref_model, x)) <= BF16_BOUND
 
 
 def test_unrolled_equals_scanned(flux2_dir):

@@ -27,6 +27,8 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from cotir_jax import evaluate, quality
 from cotir_jax.convert import lpips as lpips_convert
 
+pytestmark = pytest.mark.usefixtures("highest_precision")  # float32 parity
+
 TOL = 1e-5  # relative, psnr and ssim
 LPIPS_TOL = 2e-5  # float32 max|diff| / max|ref|
 H, W = 72, 88

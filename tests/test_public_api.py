@@ -1,4 +1,4 @@
-"""The public API lines of design.md, run as written (README "Python API")."""
+"""The README's "Python API" lines, run as written."""
 
 import os
 

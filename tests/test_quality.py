@@ -27,6 +27,8 @@ from cotir_jax import evaluate, quality, sample
 from cotir_jax.convert import lpips as lpips_convert
 from cotir_jax.convert.core import ConversionError
 
+pytestmark = pytest.mark.usefixtures("highest_precision")  # float32 parity
+
 TOL = 1e-5  # psnr / ssim, relative (the bound; values here are 0.07 .. 50)
 LPIPS_TOL = 2e-5  # float32 max|diff| / max|ref|
 SHAPE = (4, 48, 40, 3)

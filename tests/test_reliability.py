@@ -1,4 +1,4 @@
-"""Reliability of a training workdir (issue 12): one run at a time (the lock), resuming with a
+"""Reliability of a training workdir: one run at a time (the lock), resuming with a
 changed config, unwritable or full disks, checkpoint writes that fail half-way."""
 
 import contextlib

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from cotir_jax import convert, latents, sample
 from test_flux_parity import GRID, _inputs
 
+pytestmark = pytest.mark.usefixtures("highest_precision")  # float32 parity
+
 TORCH_DTYPES = {jnp.dtype(jnp.float32): torch.float32, jnp.dtype(jnp.bfloat16): torch.bfloat16}
 STEPS = {"flux2": 5, "flux1": 20}  # upstream's test configs (inference.num_steps)
 

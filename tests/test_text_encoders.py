@@ -20,6 +20,8 @@ from cotir_jax.convert.core import ConversionError, check_coverage, flat_params
 from cotir_jax.models import text as T
 from cotir_jax.models.attention import AttentionSpec
 
+pytestmark = pytest.mark.usefixtures("highest_precision")  # float32 parity
+
 FP32_TOL = 2e-5
 # bfloat16: weights rounded to bf16 (already ~2% of the output scale for these random models),
 # activations in bf16 (8-bit mantissa). transformers' own bf16 run is ~3% away from float32, and

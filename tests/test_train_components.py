@@ -1,5 +1,5 @@
 """Self-contained training components: optax chain, schedules, objective, sampler, sharding,
-checkpoints, metrics (issue 6). Runs single-device; the 8-device mesh test uses a subprocess."""
+checkpoints, metrics. Runs single-device; the 8-device mesh test uses a subprocess."""
 
 from __future__ import annotations
 

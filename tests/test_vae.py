@@ -15,6 +15,9 @@ from flax import nnx
 from cotir_jax.convert.core import ConversionError, check_coverage, export_params, flat_params
 from cotir_jax.convert.vae import IGNORE, load_vae, vae_rules
 from cotir_jax.models.vae import build_vae, tiny_vae_config, vae_config
+from parity import rel
+
+pytestmark = pytest.mark.usefixtures("highest_precision")  # float32 parity
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -101,11 +104,6 @@ def _nhwc(t):
   return t.detach().numpy().transpose(0, 2, 3, 1)
 
 
-def _rel(ours, ref):
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
-
-
 def _jitted(model):
   graphdef, state = nnx.split(model)
   enc = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(x))
@@ -151,7 +149,7 @@ def test_float32_parity(saved):
   assert z.shape == saved["ref_z"].shape and z.dtype == jnp.float32
   x = model.decode(jnp.asarray(saved["latents"]))
   assert x.shape == saved["ref_x"].shape == SHAPE
-  ez, ex = _rel(z, saved["ref_z"]), _rel(x, saved["ref_x"])
+  ez, ex = rel(z, saved["ref_z"]), rel(x, saved["ref_x"])
   print(f"{saved['family']} fp32 encode {ez:.2e} decode {ex:.2e}")
   assert ez <= FP32_TOL and ex <= FP32_TOL
 
@@ -170,7 +168,7 @@ def test_jit_matches_eager(saved):
   encode, decode = _jitted(saved["model"])
   z = encode(jnp.asarray(saved["images"]))
   x = decode(jnp.asarray(saved["latents"]))
-  assert _rel(z, saved["ref_z"]) <= FP32_TOL and _rel(x, saved["ref_x"]) <= FP32_TOL
+  assert rel(z, saved["ref_z"]) <= FP32_TOL and rel(x, saved["ref_x"]) <= FP32_TOL
 
 
 def test_bfloat16_bound(saved):
@@ -178,8 +176,8 @@ def test_bfloat16_bound(saved):
   assert model.encoder.conv_in.kernel[...].dtype == jnp.bfloat16
   if saved["family"] == "flux2":
     assert model.bn.running_var[...].dtype == jnp.float32
-  ez = _rel(model.encode(jnp.asarray(saved["images"])), saved["ref_z"])
-  ex = _rel(model.decode(jnp.asarray(saved["latents"])), saved["ref_x"])
+  ez = rel(model.encode(jnp.asarray(saved["images"])), saved["ref_z"])
+  ex = rel(model.decode(jnp.asarray(saved["latents"])), saved["ref_x"])
   print(f"{saved['family']} bf16 encode {ez:.2e} decode {ex:.2e}")
   assert ez <= BF16_TOL and ex <= BF16_TOL
 

@@ -1,4 +1,5 @@
-"""Weights in and out: diffusers / transformers / upstream CoTIR ↔ our modules (design decision 8).
+"""Weights in and out: diffusers / transformers / upstream CoTIR ↔ our modules, one rule table
+per family.
 
 Import-safe: only the table modules and Orbax helpers load here; torch is imported lazily
 where upstream `.pt` files are read or written.

@@ -62,7 +62,7 @@ BASE_FORMAT = "cotir_jax.base/2"
 SIDE_BY_SIDE_FORMAT = "cotir_jax.base/1"
 WEIGHTS = "weights"
 MANIFEST = "manifest.json"
-QWEN3_DEFAULT_LAYERS = (9, 18, 27)  # spec §9.3
+QWEN3_DEFAULT_LAYERS = (9, 18, 27)  # the hidden states FLUX.2-klein concatenates
 ALLOWED_DTYPES = ("bfloat16", "float32")
 
 # family → module name → (kind, diffusers subfolder, tokenizer subfolder)
@@ -509,11 +509,3 @@ def tokenizer_path(path: str, name: str = "text_encoder") -> str | None:
   """The copied tokenizer directory of a text module of a base checkpoint."""
   tok = read_manifest(path)["modules"].get(name, {}).get("tokenizer")
   return os.path.join(path, tok) if tok else None
-
-
-def abstract_targets(path: str, name: str, *, dtype=None) -> dict:
-  """Nested ShapeDtypeStructs of one module (what `restore_base_params(targets=...)` takes,
-  once shardings are attached)."""
-  build, _ = module_builder(path, name, dtype=dtype)
-  return orbax_io.nest({k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-                        for k, v in flat_params(nnx.eval_shape(build)).items()})

@@ -1,4 +1,4 @@
-"""BFL single-file FLUX transformers ↔ our `FluxTransformer` (spec §13 "Base files").
+"""BFL single-file FLUX transformers ↔ our `FluxTransformer`.
 
 Upstream CoTIR loads its base transformer from Black Forest Labs' native checkpoints:
 `flux-2-klein-4b.safetensors` / `flux-2-klein-9b.safetensors` (FLUX.2-klein) and

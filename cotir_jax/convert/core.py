@@ -1,4 +1,4 @@
-"""Declarative weight conversion (design decision 8): one table of rules per family.
+"""Declarative weight conversion: one table of rules per family drives import, export and coverage.
 
 A `Rule` says which reference tensors (diffusers / transformers / upstream CoTIR names) make
 one of our parameters, and how (`Transform`). `{i}` in a reference name marks a stacked layer

@@ -1,4 +1,4 @@
-"""Released CoTIR weights (upstream `lora.pt` / `cot_adapter.pt`, spec §8 and §13) ↔ our CoTIR.
+"""Released CoTIR weights (upstream `lora.pt` / `cot_adapter.pt`) ↔ our CoTIR.
 
 Upstream saves two `torch.save` dicts of bfloat16 tensors with BFL-native names:
 `lora.pt` holds every `.lora_` key of the backbone (`single_blocks.{i}.linear1.lora_A.weight`
@@ -61,7 +61,7 @@ def _lora(ours: str, ref: str, *, cols=None, rows=None) -> list[Rule]:
 
 
 def lora_rules(spec: ModelSpec, prefix: str = "backbone.") -> list[Rule]:
-  """Our LoRA variables (under `prefix`) ↔ upstream `lora.pt` keys (spec §8)."""
+  """Our LoRA variables (under `prefix`) ↔ upstream `lora.pt` keys."""
   p, s = prefix, "single_blocks.{i}"
   rules = [*_lora(f"{p}single_blocks.linear1", f"{s}.linear1", cols=spec.linear1_layout),
            *_lora(f"{p}single_blocks.linear2", f"{s}.linear2", rows=spec.linear2_layout),
@@ -73,7 +73,7 @@ def lora_rules(spec: ModelSpec, prefix: str = "backbone.") -> list[Rule]:
 
 
 def adapter_rules(spec: ModelSpec, prefix: str = "cot_adapter.") -> list[Rule]:
-  """Our `cot_adapter` variables ↔ upstream `cot_adapter.pt` keys (spec §7, §13)."""
+  """Our `cot_adapter` variables ↔ upstream `cot_adapter.pt` keys."""
   a, d = "cot_adapter", "cot_adapter.decoder.{i}"
   p = prefix
   rules = [*linear(f"{p}decoder.linear1", f"{d}.linear1", True, cols=spec.adapter_linear1_layout),
@@ -345,54 +345,6 @@ def save_cotir_weights(model, out_dir: str, fmt: str = "pt", dtype=jnp.bfloat16)
   """
   lora_t, adapter_t = trainable_targets(model)
   return write_cotir_files({**lora_t, **adapter_t}, out_dir, fmt, dtype)
-
-
-def upstream_shapes(cfg_model) -> dict[str, tuple[int, ...]]:
-  """Reference key → shape of upstream's files, from the spec's formulas (§7, §8), no model.
-
-  Independent of the table: used by the coverage tests and by `cotir_to_orbax` messages.
-  """
-  m = cfg_model
-  h, family = m.hidden_size, m.family
-  mh = int(h * m.mlp_ratio)
-  l1 = 3 * h + (2 * mh if family == "flux2" else mh)
-  out_ch = m.get("out_channels") or m.in_channels
-  shapes: dict[str, tuple[int, ...]] = {}
-
-  def lora(name, i, o):
-    r = min(m.lora.rank, i, o)
-    shapes.update({f"{name}.lora_A.weight": (r, i), f"{name}.lora_B.weight": (o, r),
-                   f"{name}.lora_B.bias": (o,)})
-
-  if m.lora.enabled:
-    for i in range(m.depth_single_blocks):
-      lora(f"single_blocks.{i}.linear1", h, l1)
-      lora(f"single_blocks.{i}.linear2", h + mh, h)
-      if family == "flux1":
-        lora(f"single_blocks.{i}.modulation.lin", h, 3 * h)
-    lora("final_layer.linear", h, out_ch)
-    lora("final_layer.adaLN_modulation.1", h, 2 * h)
-
-  a = m.cot_adapter
-  ah, amh, out = a.hidden_size, int(a.hidden_size * a.mlp_ratio), a.out_channels
-  hd = ah // a.num_heads
-
-  def lin(name, i, o):
-    shapes.update({f"{name}.weight": (o, i), f"{name}.bias": (o,)})
-
-  for i in range(a.depth):
-    d = f"cot_adapter.decoder.{i}"
-    lin(f"{d}.linear1", ah, 3 * ah + amh)
-    lin(f"{d}.linear2", ah + amh, ah)
-    shapes[f"{d}.norm.query_norm.scale"] = (hd,)
-    shapes[f"{d}.norm.key_norm.scale"] = (hd,)
-    lin(f"{d}.modulation.lin", ah, 3 * ah)
-  for n in HEADS:
-    lin(f"cot_adapter.{n}_layer", 2 * ah if n == "planning" else ah, ah)
-    lin(f"cot_adapter.final_{n}_layer.linear", ah, out)
-    lin(f"cot_adapter.final_{n}_layer.adaLN_modulation.1", ah, 2 * ah)
-    shapes[f"cot_adapter.scale_{n}"] = (1,)
-  return shapes
 
 
 # ----------------------------------------------------------------------------- any source

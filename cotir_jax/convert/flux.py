@@ -3,7 +3,7 @@
 One rule table per family. Differences the transforms absorb: diffusers splits q, k, v (and
 FLUX.1's single-block MLP input) into separate Linears where BFL / we fuse them; our fused
 projections interleave their parts by head group (`models.layers.FusedLayout`); its
-`norm_out` emits (scale, shift) where we emit (shift, scale) (spec §17.21).
+`norm_out` emits (scale, shift) where we emit (shift, scale).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""CoTIR-Bench input pipeline on grain (spec §14, design decision 9). See pipeline.py for the loop API."""
+"""CoTIR-Bench input pipeline on grain: deterministic for a seed, checkpointable, sharded per
+process. See pipeline.py for the loop API."""
 
 from cotir_jax.data.decode import REASONS, TEXT_FIELDS, RawRecord, SkipSample, process_record, resize_bilinear
 from cotir_jax.data.mixing import StreamOrder

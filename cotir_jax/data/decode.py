@@ -1,7 +1,8 @@
-"""Turning one raw CoTIR-Bench record into a training example (spec §14.1, §14.4), or a counted skip.
+"""Turning one raw CoTIR-Bench record into a training example, or a counted skip.
 
-Every failure mode of issue 5 item 6 maps to one `SkipSample.reason`, so the loop can count and log
-it with shard and key instead of crashing (or, as upstream does, silently dropping a type's turn).
+Every way a record can be bad (`REASONS`: truncated tar, missing member, corrupt PNG, wrong size,
+bad JSON, ...) maps to one `SkipSample.reason`, so the loop can count and log it with shard and
+key instead of crashing (or, as upstream does, silently dropping a type's turn).
 """
 
 from __future__ import annotations

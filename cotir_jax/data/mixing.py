@@ -1,7 +1,7 @@
 """The sample order: global stream position k -> record index, a pure function of the seed.
 
 balanced: cycle c = k // n_types visits every type once in an order shuffled per cycle (upstream's
-round-robin, spec §14.5); a type's c-th draw walks a per-epoch permutation of its records (without
+round-robin over types); a type's c-th draw walks a per-epoch permutation of its records (without
 replacement, unlike upstream's resampled shards). shuffle: a per-epoch permutation of all records.
 Process i of n reads global positions k = q*n + i (q = its local position), so processes are
 disjoint and their union is the one-process stream.
@@ -46,16 +46,6 @@ class StreamOrder:
     if hit is None or hit[0] != tag:
       hit = self._cache[slot] = (tag, _perm(n, self.seed, *key))
     return hit[1]
-
-  @property
-  def cycle(self) -> int:
-    """Positions per balance cycle (the number of types), 1 for plain shuffle."""
-    return len(self.ranges) if self.mixing == "balanced" else 1
-
-  def type_order(self, c: int) -> list[str]:
-    n = len(self.ranges)
-    order = self._cached((1, c), n) if self.shuffle_types and n > 1 else np.arange(n)
-    return [self.ranges[i][0] for i in order]
 
   def record_at(self, k: int) -> int:
     if self.mixing == "shuffle":

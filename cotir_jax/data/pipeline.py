@@ -117,7 +117,7 @@ def make_prompt_bank(cfg, source=None):
     return paired.make_texts(cfg.data.templates, source.types, cot_answers(cfg))
   _, root = resolve_layout(data_dir(cfg))
   if root is None:
-    raise FileNotFoundError(f"no gen_prompt.txt found from data.data_dir={cfg.data.data_dir!r} (spec §14.2)")
+    raise FileNotFoundError(f"no gen_prompt.txt found from data.data_dir={cfg.data.data_dir!r} (upstream's layout: <data_dir>/prompts/)")
   bank = P.PromptBank(root, P.special_dir_for(root), _get(cfg, "data.missing_prompt", "skip"),
                       _get(cfg, "data.prompt_errors", "stop"))
   if not bank.generic:
@@ -333,7 +333,7 @@ def stage_of_step(cfg, step: int) -> int:
 
 
 def per_process_batch(cfg, stage: int, process_count: int) -> int:
-  """training.batch_sizes are global (design decision 6): per-process = global / processes."""
+  """training.batch_sizes are global (one config fits any slice): per process = global / processes."""
   g = int(cfg.training.batch_sizes[stage])
   if g % process_count:
     raise ConfigError(f"training.batch_sizes[{stage}]={g} is not divisible by {process_count} "

@@ -1,4 +1,4 @@
-"""Upstream's per-sample text rules (spec §14.1-14.3): answer parsing, label normalisation, prompt picking.
+"""Upstream's per-sample text rules: answer parsing, label normalisation, prompt picking.
 
 Randomness comes from a numpy Generator the caller seeds per sample, so a prompt draw is a pure
 function of (seed, stream position) instead of upstream's per-worker global `random` state.
@@ -134,7 +134,7 @@ class PromptBank:
 
   Every prompt file is read here, at start-up, so an undecodable one stops the run before training
   (prompt_errors='stop') instead of inside a data worker; 'skip' drops its bad lines with a warning.
-  missing_prompt='skip' follows issue 5: a known label whose file is missing/empty raises PromptError
+  missing_prompt='skip': a known label whose file is missing/empty raises PromptError
   (the sample is skipped and counted). 'fallback' uses upstream's sentence "Please correct <label> issues.".
   """
 

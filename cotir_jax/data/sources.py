@@ -1,6 +1,6 @@
 """Random-access sources of raw CoTIR-Bench records: the upstream tar shards read in place.
 
-Layout (spec §14.1): `<data_dir>[/image]/<deg_type>/*.tar`, each tar holding `<key>.hq.png`,
+Layout (upstream's): `<data_dir>[/image]/<deg_type>/*.tar`, each tar holding `<key>.hq.png`,
 `<key>.lq.png`, `<key>.meta.json`. Records are ordered by (sorted type, sorted shard, first
 appearance of the key in the tar); the ArrayRecord build (`tfds_builder.py`) writes the same order,
 so record i is the same sample in both sources and one sampler drives either.

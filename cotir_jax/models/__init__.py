@@ -1,4 +1,4 @@
-"""Flax NNX modules: the FLUX backbones, the CoT adapter, LoRA, and (issue 3) the frozen encoders."""
+"""Flax NNX modules: the FLUX backbones, the CoT adapter, LoRA, and the frozen encoders."""
 
 from cotir_jax.models.adapter import CoTAdapter
 from cotir_jax.models.cotir import TRAINABLE, CoTIR

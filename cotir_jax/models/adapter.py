@@ -1,6 +1,6 @@
-"""The CoT adapter (spec §7): six attention blocks over [txt; img] that update the text stream,
-then three heads predicting the text-encoder features of the scene description ("sharpness"
-layers, spec §17.4), the degradation description and the enhancement plan.
+"""The CoT adapter: six attention blocks over [txt; img] that update the text stream,
+then three heads predicting the text-encoder features of the scene description (upstream's
+"sharpness" layers), the degradation description and the enhancement plan.
 
 It uses FLUX.1-style layers (biases, GELU-tanh, per-block modulation) on every backbone. Its
 residual into the backbone's text stream is the sum of the three pre-GELU hidden features times

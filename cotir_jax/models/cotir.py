@@ -1,4 +1,4 @@
-"""CoTIR = FLUX backbone (+ LoRA on the single blocks and final layer) + CoT adapter (spec §5)."""
+"""CoTIR = FLUX backbone (+ LoRA on the single blocks and final layer) + CoT adapter."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from cotir_jax.models.adapter import CoTAdapter
 from cotir_jax.models.flux import FluxTransformer
 from cotir_jax.models.spec import ModelSpec
 
-# What training updates (design decision 2): every LoRA variable and everything in the adapter.
+# What training updates, by variable type and path: every LoRA variable and all of the adapter.
 TRAINABLE = nnx.Any(nnx.LoRAParam, nnx.PathContains("cot_adapter"))
 
 

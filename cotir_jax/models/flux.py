@@ -1,4 +1,4 @@
-"""The FLUX.2-klein and FLUX.1-Kontext transformers (spec §1–§6) as one NNX module.
+"""The FLUX.2-klein and FLUX.1-Kontext transformers as one NNX module.
 
 The two families share the double-stream / single-stream structure and differ in four
 places, each a branch on `spec.family` here: FLUX.2 has no biases, SwiGLU MLPs and three
@@ -71,7 +71,7 @@ class MLP(nnx.Module):
 
 
 class DoubleStreamBlock(nnx.Module):
-  """Separate img / txt weights, joint attention over [txt; img] (spec §3, §4)."""
+  """Separate img / txt weights, joint attention over [txt; img]."""
 
   def __init__(self, spec: ModelSpec, rngs):
     self.num_heads, self.attention = spec.num_heads, spec.attention

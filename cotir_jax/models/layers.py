@@ -132,7 +132,8 @@ class LoRA(nnx.Module):
   """Low-rank update y += scale * (x A B + b), with upstream's bias b on B (`bias=False`: none).
 
   `init="zeros"` starts B and its bias at 0 (the model equals the base at step 0);
-  `init="upstream"` uses PyTorch's default Linear init for A, B and B's bias (spec §17.1).
+  `init="upstream"` uses PyTorch's default Linear init for A, B and B's bias, as
+  upstream (the fine-tuned network then starts from a randomly perturbed base).
   """
 
   def __init__(self, in_features: int, out_features: int, rank: int, *, scale: float,
@@ -261,9 +262,9 @@ class QKNorm(nnx.Module):
 
 def timestep_embedding(t: jax.Array, dim: int = 256, *, max_period: float = 10000.0,
                        time_factor: float = 1000.0, upstream: bool = False) -> jax.Array:
-  """Sinusoidal embedding of t·1000, cos first (spec §2); float32 out.
+  """Sinusoidal embedding of t·1000, cos first (BFL's `timestep_embedding`); float32 out.
 
-  `upstream=True` reproduces spec §12: t in bfloat16, the ×1000 in bfloat16, the
+  `upstream=True` reproduces upstream's bf16 inputs: t in bfloat16, the ×1000 in bfloat16, the
   embedding rounded to bfloat16.
   """
   half = dim // 2
@@ -281,10 +282,10 @@ def timestep_embedding(t: jax.Array, dim: int = 256, *, max_period: float = 1000
 
 def rope_angles(ids: jax.Array, axes_dim: Sequence[int], theta: float, *,
                 upstream: bool = False) -> jax.Array:
-  """RoPE angles [B, L, head_dim/2] from positions [B, L, n_axes] (EmbedND, spec §2).
+  """RoPE angles [B, L, head_dim/2] from positions [B, L, n_axes] (BFL's EmbedND).
 
   Each axis a contributes d_a/2 frequencies θ^(-2j/d_a), concatenated in axis order.
-  `upstream=True` reproduces CoTIR's bfloat16 positions, frequency grid and angles (§12).
+  `upstream=True` reproduces CoTIR's bfloat16 positions, frequency grid and angles.
   """
   parts = []
   for i, d in enumerate(axes_dim):

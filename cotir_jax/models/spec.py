@@ -43,7 +43,7 @@ class ModelSpec:
   dtype: object
   param_dtype: object
   trainable_dtype: object  # LoRA + adapter: float32 masters, bfloat16 under compat="upstream"
-  upstream: bool           # compat="upstream": bf16 ids / RoPE / timesteps (spec §12)
+  upstream: bool           # compat="upstream": bf16 ids / RoPE / timesteps
   attention: AttentionSpec | str  # a bare name: default block sizes
   remat: str               # remat policy of every scanned stack (layers.REMAT_POLICIES) ...
   scan_layers: bool

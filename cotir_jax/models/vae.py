@@ -1,4 +1,4 @@
-"""The frozen autoencoders (spec §9): FLUX.2's `AutoencoderKLFlux2` and FLUX.1's `AutoencoderKL`.
+"""The frozen autoencoders: FLUX.2's `AutoencoderKLFlux2` and FLUX.1's `AutoencoderKL`.
 
 Both share diffusers' Encoder / Decoder (ResNet blocks, a single-head mid-block attention,
 asymmetric-pad stride-2 downsampling, nearest ×2 upsampling); they differ only in the latent
@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
+from einops import rearrange
 from flax import nnx
 from ml_collections import config_dict
 
@@ -301,17 +302,12 @@ class _AutoEncoderBase(nnx.Module):
 
 def patchify(z: jax.Array, p: int = 2) -> jax.Array:
   """[B,H,W,C] → [B,H/p,W/p,C·p·p], channels (c, pi, pj) as diffusers' `_patchify_latents`."""
-  b, h, w, c = z.shape
-  z = z.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 5, 2, 4)
-  return z.reshape(b, h // p, w // p, c * p * p)
+  return rearrange(z, "b (h pi) (w pj) c -> b h w (c pi pj)", pi=p, pj=p)
 
 
 def unpatchify(z: jax.Array, p: int = 2) -> jax.Array:
   """Inverse of `patchify`."""
-  b, h, w, cpp = z.shape
-  c = cpp // (p * p)
-  z = z.reshape(b, h, w, c, p, p).transpose(0, 1, 4, 2, 5, 3)
-  return z.reshape(b, h * p, w * p, c)
+  return rearrange(z, "b h w (c pi pj) -> b (h pi) (w pj) c", pi=p, pj=p)
 
 
 class Flux2AutoEncoder(_AutoEncoderBase):

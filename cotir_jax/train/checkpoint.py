@@ -1,4 +1,4 @@
-"""Training checkpoints (design decision 7): Orbax `CheckpointManager` in `<workdir>/checkpoints/`.
+"""Training checkpoints: Orbax `CheckpointManager` in `<workdir>/checkpoints/`.
 
 One step holds
 * `state`: any pytree of arrays — the train loop passes {trainable params, optimizer state
@@ -374,7 +374,7 @@ class Checkpointer:
 
   def check_for_errors(self) -> None:
     """Raises CheckpointWriteError if the last async save has failed already; never blocks
-    (call it at logging steps to learn of a full disk before the next save)."""
+    (the loop calls it at logging steps, to learn of a full disk before the next save)."""
     if self._in_flight is not None and not self._manager.is_saving_in_progress():
       self.wait()
 

@@ -185,6 +185,7 @@ def _train(cfg, workdir: str, start: preflight.Startup) -> dict:
                            skipped_samples=it.skipped, bad_shards=it.bad_shards, stage=stage,
                            patch_size=int(cfg.training.patch_sizes[stage]), **scores)
             writer.write(step, {k: float(v) for k, v in metrics.items()})
+            ckpt.check_for_errors()  # a failed async save (full disk) stops the run now
             bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", stage=stage)
             t_last, n_since, logged_at = time.perf_counter(), 0, done
           step = done

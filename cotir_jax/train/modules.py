@@ -31,7 +31,7 @@ from cotir_jax.train.step import Graphs
 
 # our module name → name in a converted base checkpoint
 BASE_NAMES = {"vae": "vae", "text": "text_encoder", "clip": "clip"}
-CLIP_LENGTH = 77  # CLIP's context, as upstream tokenizes it (spec §9.4)
+CLIP_LENGTH = 77  # CLIP's context, as upstream tokenizes it
 
 
 def _encoders_from_config(cfg, rngs, platform) -> dict:

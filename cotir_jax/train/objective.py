@@ -1,8 +1,8 @@
-"""The CoTIR objective (spec §10) as pure functions.
+"""The CoTIR objective as pure functions.
 
 Flow matching as upstream writes it: x_1 = clean latent tokens, x_0 = Gaussian noise,
 t = sigmoid(N(0, 1)), x_t = (1 − t)·x_1 + t·x_0, velocity target x_0 − x_1 (t = 1 is noise).
-All losses are float32. `compat="upstream"` reproduces the bf16 casts of spec §10.3 / §12
+All losses are float32. `compat="upstream"` reproduces upstream's bf16 casts
 (inputs, ids and timesteps in bf16, noise drawn in bf16, target formed in bf16).
 """
 
@@ -18,7 +18,7 @@ TEXT_KEYS = ("s", "d", "p")  # scene, degradation, plan (the adapter's 2nd..4th 
 
 def cast_inputs(tree, compat: str = "default"):
   """Casts every floating leaf (latents, features, ids, timesteps, vec) to the input dtype:
-  bf16 under compat="upstream" (upstream's `check_tensor_consistency`, spec §10.3), else f32."""
+  bf16 under compat="upstream" (upstream's `check_tensor_consistency`), else f32."""
   dt = latents.input_dtype(compat)
   cast = lambda x: x.astype(dt) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x
   return jax.tree.map(cast, tree)
@@ -26,7 +26,7 @@ def cast_inputs(tree, compat: str = "default"):
 
 def model_inputs(x_t, x_c, ids_tgt, ids_cnd, txt, txt_ids, t, compat: str = "default"):
   """The positional arguments of the model call: (img, img_ids, txt, txt_ids, timesteps), with
-  the clean conditioning tokens appended after the target tokens (spec §10.6)."""
+  the clean conditioning tokens appended after the target tokens."""
   img = jnp.concatenate([x_t.astype(jnp.float32), x_c.astype(jnp.float32)], axis=1)
   ids = jnp.concatenate([ids_tgt, ids_cnd], axis=1)
   return cast_inputs((img, ids, txt, txt_ids, t), compat)
@@ -40,7 +40,7 @@ def sample_timesteps(keys: jax.Array) -> jax.Array:
 
 
 def flow_matching_inputs(keys: jax.Array, x_1: jax.Array, compat: str = "default"):
-  """Returns (x_t, x_0, t): noise x_0 in the input dtype (bf16 under compat, spec §12), t f32,
+  """Returns (x_t, x_0, t): noise x_0 in the input dtype (bf16 under compat, as upstream), t f32,
   x_t = (1 − t)·x_1 + t·x_0 in float32 (type promotion, as upstream).
 
   `keys`: one key per row [B] (each sample's draws depend only on its own key), or a single
@@ -94,7 +94,7 @@ def text_loss(pred: jax.Array, target: jax.Array, weight: jax.Array | None = Non
 
 def losses(velocity, text_preds: dict, x_0, x_1, text_targets: dict, lambdas: dict,
            deltas: dict, answer_mask: jax.Array | None = None, norms: jax.Array | None = None):
-  """The primal loss and its parts (spec §10.7-10).
+  """The primal loss and its parts.
 
   Returns (loss, aux) with aux = {img_loss, txt_{k}_loss, c: {k: c_k}}; c_k = L_k − δ_k and
   loss = L_img + Σ_k stop_gradient(λ_k)·c_k. All float32 scalars.

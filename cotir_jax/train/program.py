@@ -261,7 +261,7 @@ def _shardings(abstract):
 
 def make_validate(cfg, graphs: Graphs):
   """`validate(params, frozen, batch) -> ((hq, lq, result_gen, result_spe), scores)`: images
-  in [-1, 1] from the Euler sampler of spec §15 on the LQ latents with the generic and the
+  in [-1, 1] from upstream's Euler sampler on the LQ latents with the generic and the
   specific prompt, per-image PSNR / SSIM of the 8-bit results against HQ, and the PSNR of the
   LQ inputs themselves (what restoration has to beat)."""
   family, name = cfg.model.family, text_key(cfg.model.family)

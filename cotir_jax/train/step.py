@@ -1,4 +1,4 @@
-"""The training step as one pure function (design decisions 1, 5): frozen encoders on device →
+"""The training step as one pure jitted function of split NNX state: frozen encoders on device →
 flow-matching CoTIR losses → one primal-dual optax update.
 
 The state is `{"params", "lambdas", "opt_state", "step", "rng", "nonfinite_step"}` (plus
@@ -65,7 +65,7 @@ class Prepared:
 
 
 def prepare(cfg, graphs: Graphs, frozen: dict, batch: dict, use_gen: jax.Array) -> Prepared:
-  """Runs the frozen VAE and text encoders (spec §10 steps 1–3); no gradient flows here.
+  """Runs the frozen VAE and text encoders; no gradient flows here.
 
   `use_gen` [B] bool picks the generic prompt of each sample (else the specific one)."""
   family, compat = cfg.model.family, cfg.compat
@@ -89,7 +89,7 @@ def prepare(cfg, graphs: Graphs, frozen: dict, batch: dict, use_gen: jax.Array) 
                              + [batch[f"{a}_{name}_mask"] for a in ANSWERS])
       feats = encoder(ids, mask)
     else:
-      feats = encoder(ids)  # upstream runs T5 without a mask: padding is attended (spec §9.4)
+      feats = encoder(ids)  # upstream runs T5 without a mask: padding is attended
   txt, s, d, pl = jnp.split(feats, 4)
   vec = None
   if graphs.clip is not None:

@@ -1,4 +1,4 @@
-"""Frozen text encoders (spec §9.3–9.4): Qwen3 (FLUX.2-klein), T5 v1.1 and CLIP-L (FLUX.1).
+"""Frozen text encoders: Qwen3 (FLUX.2-klein), T5 v1.1 and CLIP-L (FLUX.1).
 
 Each reproduces its transformers model exactly (float32 parity ≤ 2e-5 relative) and takes
 bfloat16 weights with a configurable compute dtype. `build_text_encoder` picks the module

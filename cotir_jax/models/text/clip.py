@@ -1,4 +1,4 @@
-"""CLIP text tower (FLUX.1-Kontext's pooled vector, spec §9.4): transformers' `CLIPTextModel`.
+"""CLIP text tower (FLUX.1-Kontext's pooled vector): transformers' `CLIPTextModel`.
 
 Token + learned position embeddings, pre-LN causal transformer (quick-GELU MLP), final
 LayerNorm; the pooled output is the final state at the end-of-text token, found by

@@ -1,4 +1,4 @@
-"""Qwen3 as a frozen text embedder (FLUX.2-klein, spec §9.3): transformers' `Qwen3Model`.
+"""Qwen3 as a frozen text embedder (FLUX.2-klein): transformers' `Qwen3Model`.
 
 Returns the per-token concatenation of hidden states at `hidden_layers` (transformers'
 `output_hidden_states` indexing: 0 = embedding output, k = output of decoder layer k, before

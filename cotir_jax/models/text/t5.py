@@ -1,4 +1,4 @@
-"""T5 v1.1 encoder (FLUX.1-Kontext's text_encoder_2, spec §9.4): transformers' `T5EncoderModel`.
+"""T5 v1.1 encoder (FLUX.1-Kontext's text_encoder_2): transformers' `T5EncoderModel`.
 
 Pre-norm blocks with T5's RMS layer norm (no mean, no bias, float32 statistics), unscaled
 dot-product attention plus a bidirectional relative-position bias that layer 0 owns and
