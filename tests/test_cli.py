@@ -124,5 +124,5 @@ def test_a_bad_value_from_the_shell():
                          "--config.model.num_heads=3"], cwd=REPO, capture_output=True,
                         text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 2 and proc.stdout == ""
-  assert proc.stderr == ("cotir_jax: error: model.hidden_size=64 is not a multiple of "
+  assert proc.stderr == ("cotir_jax: error: model.hidden_size=128 is not a multiple of "
                          "model.num_heads=3\n")

@@ -346,6 +346,8 @@ def test_training_starts_from_the_converted_base(converted, tmp_path):
   from cotir_jax.train.modules import build_states
   cfg = config.load(os.path.join(ROOT, "configs", "tiny.py"), [
       f"model.pretrained={converted['out']}", "model.encoder_dtype=float32",
+      # the converted repository's transformer: 2 heads of 32, FLUX.2's 128-channel tokens
+      "model.hidden_size=64", "model.num_heads=2", "model.in_channels=128",
       "training.iterations=(2,)", "training.patch_sizes=(32,)", "training.batch_sizes=(2,)",
       "training.val_steps=0", "training.save_steps=2"])
   mesh = sharding.make_mesh(cfg.mesh)
