@@ -60,7 +60,7 @@ sys.stdout.write(prog.lower(0).compile().as_text())
 def test_attention_scores_hold_only_the_per_device_batch():
   """FSDP over 8 devices, global batch 8: every attention-score dot of the compiled per-device
   program covers one sample (× heads); without the activation constraints XLA computes the
-  whole batch's scores on every device (f32[8,2,72,72] on this config)."""
+  whole batch's scores on every device (f32[8,4,96,96] on this config)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
   out = subprocess.run([sys.executable, "-c", COMPILE], cwd=REPO, env=env, capture_output=True,
@@ -68,7 +68,7 @@ def test_attention_scores_hold_only_the_per_device_batch():
   assert out.returncode == 0, out.stderr[-3000:]
   first, hlo = out.stdout.split("\n", 1)
   assert first == "{'data': 1, 'fsdp': 8, 'tensor': 1}"
-  heads, lengths = 2, {64, 72}  # tiny: 2 heads; 64 text tokens, 64 + 2·4 image tokens
+  heads, lengths = 4, {64, 96}  # tiny: 4 heads; 64 text tokens, 64 + 2·16 image tokens (32 px)
   scores = 0
   for m in re.finditer(r"= f32\[([\d,]+)\]\{[\d,]*\} dot\([^\n]*", hlo):
     dims = [int(d) for d in m.group(1).split(",")]
