@@ -24,7 +24,8 @@ from cotir_jax import cli, latents, sharding
 from cotir_jax.plan import target
 from cotir_jax.train import objective as obj
 from cotir_jax.train import optim
-from cotir_jax.train.program import Program, configure_compiler
+from cotir_jax.compiler import configure_compiler
+from cotir_jax.train.program import Program
 from cotir_jax.train.step import guidance_for, prepare
 
 

@@ -160,7 +160,7 @@ def make_inputs(cfg, batch: int, patch: int, seed: int = 0) -> dict:
 def make_data_batch(cfg, batch: int, patch: int, seed: int = 0) -> dict:
   """A random data batch of `batch_spec`'s layout: images in [-1, 1], token ids, full masks."""
   import numpy as np
-  from cotir_jax.train import modules
+  from cotir_jax import modules
   rng = np.random.default_rng(seed)
   vocab = {"qwen": cfg.model.text_encoder.vocab_size, "t5": cfg.model.text_encoder.vocab_size,
            "clip": cfg.model.clip.vocab_size if "clip" in cfg.model else 0}
@@ -370,7 +370,6 @@ def main(argv=None):
   sys.path.insert(0, str(Path(__file__).resolve().parent))
   from cotir_jax import latents
   from cotir_jax.perf import chips, hlo, utilization
-  from cotir_jax.train import objective as obj
   from cotir_jax.train.program import Program
   torch.set_num_threads(args.threads)
   # XLA's CPU code flushes denormal results to zero; torch does not by default, and the tiny

@@ -362,7 +362,7 @@ def _main(argv) -> int:
   from cotir_jax.models import attention
   parser = _parser()
   cfg, args = cli.parse(parser, argv)
-  from cotir_jax.train.program import configure_compiler
+  from cotir_jax.compiler import configure_compiler
   if "--config.compile_effort" not in " ".join(argv):
     cfg.compile_effort = -1.0  # memory and FLOPs as at 0 (measured), minutes less per compile
   if args.topology != "local":  # executables compiled for a topology without a client are not

@@ -66,8 +66,8 @@ from cotir_jax import models, multihost, sharding
 from cotir_jax import sample as sampler
 from cotir_jax.convert import cotir as cotir_files
 from cotir_jax.data import paired
-from cotir_jax.train.modules import build_states, build_tokenizers
-from cotir_jax.train.program import configure_compiler
+from cotir_jax.modules import build_states, build_tokenizers
+from cotir_jax.compiler import configure_compiler
 
 IMAGE_SUFFIXES = paired.IMAGE_SUFFIXES  # upstream inference.py's
 PROMPT_DIRS = {"gen_prompt": "vague", "spe_prompt": "precise"}  # upstream test.py

@@ -41,13 +41,13 @@ import pytest
 from flax import nnx
 from ml_collections.config_dict import FieldReference
 
-from cotir_jax import cli, config, convert, models, restore
+from cotir_jax import cli, compiler, config, convert, models, restore
 from cotir_jax.convert import cotir as cotir_files
 from cotir_jax.models.layers import LoRA
 from cotir_jax.models.spec import LoRASpec
 from cotir_jax.data import paired, pipeline
 from cotir_jax.train import checkpoint, loop, program
-from cotir_jax.train.modules import batch_spec, build_tokenizers
+from cotir_jax.modules import batch_spec, build_tokenizers
 from cotir_jax.train.workdir import WorkdirError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,7 +122,7 @@ def exercise(cfg) -> None:
   saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir",
                                            "jax_exec_time_optimization_effort")}
   try:
-    program.configure_compiler(cfg)
+    compiler.configure_compiler(cfg)
   finally:
     for k, v in saved.items():
       jax.config.update(k, v)

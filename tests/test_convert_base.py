@@ -343,7 +343,7 @@ def test_training_starts_from_the_converted_base(converted, tmp_path):
   from flax import nnx
   from cotir_jax import config, sharding
   from cotir_jax.train.loop import train
-  from cotir_jax.train.modules import build_states
+  from cotir_jax.modules import build_states
   cfg = config.load(os.path.join(ROOT, "configs", "tiny.py"), [
       f"model.pretrained={converted['out']}", "model.encoder_dtype=float32",
       # the converted repository's transformer: 2 heads of 32, FLUX.2's 128-channel tokens

@@ -66,3 +66,12 @@ def test_models_import_without_the_config_layer():
   code = "import sys, cotir_jax.models; assert 'cotir_jax.config' not in sys.modules"
   env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
   subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO, timeout=120)
+
+
+def test_inference_imports_nothing_of_training():
+  """restore and its sampler run without the training package (a serving image need not ship it)."""
+  code = ("import sys, cotir_jax.restore, cotir_jax.sample; "
+          "loaded = sorted(m for m in sys.modules if m.startswith('cotir_jax.train')); "
+          "assert not loaded, loaded")
+  env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+  subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO, timeout=120)

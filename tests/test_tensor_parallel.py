@@ -28,7 +28,7 @@ RUN = """
 import json, sys
 import jax, numpy as np
 from cotir_jax import config
-from cotir_jax.train import modules
+from cotir_jax import modules
 from cotir_jax.train.program import Program
 meshes, steps, out_dir = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 rng = np.random.default_rng(0)

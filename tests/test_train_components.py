@@ -515,7 +515,8 @@ def _toy_step_setup(k):
   """The real train step (`make_train_step`: masks, counts, micro-batch scan, dual update) around
   a two-layer toy model on ready-made inputs, for gradient accumulation k."""
   from flax import nnx
-  from cotir_jax.train.step import Graphs, Prepared, make_train_step
+  from cotir_jax.modules import Graphs
+  from cotir_jax.train.step import Prepared, make_train_step
 
   class Toy(nnx.Module):
     def __init__(self):

@@ -44,7 +44,6 @@ import sys
 import time
 from collections.abc import Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

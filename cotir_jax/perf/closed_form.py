@@ -227,7 +227,7 @@ def analytic_flops(cfg, patch_size: int, batch: int) -> FlopCount:
   """
   from cotir_jax.models.spec import ModelSpec
   from cotir_jax.models.text import text_config
-  from cotir_jax.train.modules import CLIP_LENGTH
+  from cotir_jax.modules import CLIP_LENGTH
   s = ModelSpec.from_config(cfg.model)
   n_img = 2 * (patch_size // 2 ** len(cfg.model.vae.block_out_channels)) ** 2  # 16 px per token
   n_txt = int(cfg.data.max_length)

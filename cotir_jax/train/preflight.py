@@ -28,8 +28,9 @@ from cotir_jax.data.prompts import PromptError
 from cotir_jax.data.sources import DataLayoutError
 from cotir_jax.train import checkpoint
 from cotir_jax.train import workdir as wd
-from cotir_jax.train.modules import build_tokenizers
-from cotir_jax.train.program import Program, configure_compiler
+from cotir_jax.modules import build_tokenizers
+from cotir_jax.compiler import configure_compiler
+from cotir_jax.train.program import Program
 
 # What a user's setup raises (a missing path, a bad value, an unwritable disk); anything else is
 # a bug, which the failing process also shows as a traceback.

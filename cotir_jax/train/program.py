@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -25,35 +24,11 @@ from cotir_jax import latents, quality, sharding
 from cotir_jax import sample as sampler
 from cotir_jax.convert import cotir as cotir_files
 from cotir_jax.models import attention
-from cotir_jax.train import ema, modules
-from cotir_jax.train import objective as obj
+from cotir_jax import modules
+from cotir_jax.train import ema
 from cotir_jax.train import optim
-from cotir_jax.train.step import Graphs, make_train_step, text_key
-
-
-def configure_compiler(cfg, run_dir: str | None = None) -> str | None:
-  """Applies `compile_effort` (XLA's exec_time_optimization_effort) and turns on JAX's
-  persistent compilation cache (a resumed run or a repeated stage loads its executables instead
-  of compiling again); returns the cache directory.
-
-  `compile_cache_dir`: a path; "" (off); or "default": JAX_COMPILATION_CACHE_DIR when set, else
-  `<run_dir>/compile_cache`, beside the run where every host of a slice sees it (JAX writes
-  entries from process 0 only, so a cache private to each host would leave every other host
-  compiling on every resume), else $XDG_CACHE_HOME/cotir_jax/jit."""
-  jax.config.update("jax_exec_time_optimization_effort", float(cfg.get("compile_effort", 0.0)))
-  path = cfg.get("compile_cache_dir", "default")
-  if not path:
-    return None
-  if path == "default":
-    if jax.config.jax_compilation_cache_dir:  # set by JAX_COMPILATION_CACHE_DIR
-      return jax.config.jax_compilation_cache_dir
-    if run_dir is not None:
-      path = os.path.join(os.path.abspath(run_dir), "compile_cache")
-    else:
-      base = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
-      path = os.path.join(base, "cotir_jax", "jit")
-  jax.config.update("jax_compilation_cache_dir", path)
-  return path
+from cotir_jax.modules import Graphs
+from cotir_jax.train.step import make_train_step, text_key
 
 
 @dataclasses.dataclass

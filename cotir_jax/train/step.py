@@ -30,21 +30,13 @@ import optax
 from flax import nnx
 
 from cotir_jax import latents, sharding
+from cotir_jax.modules import Graphs
 from cotir_jax.data.decode import ANSWER_MASK
 from cotir_jax.train import ema
 from cotir_jax.train import objective as obj
 from cotir_jax.train import optim
 
 ANSWERS = ("ans_s", "ans_d", "ans_p")
-
-
-@dataclasses.dataclass(frozen=True)
-class Graphs:
-  """Static graph definitions of the modules the step merges with their states."""
-  model: nnx.GraphDef
-  vae: nnx.GraphDef
-  text: nnx.GraphDef
-  clip: nnx.GraphDef | None
 
 
 def text_key(family: str) -> str:

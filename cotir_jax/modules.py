@@ -1,5 +1,5 @@
-"""Builds what training runs: graph definitions and states of the CoTIR model and the frozen
-encoders, the batch layout, and the host tokenizers.
+"""Builds what training and inference run: graph definitions and states of the CoTIR model and
+the frozen encoders, the batch layout, and the host tokenizers.
 
 Everything starts abstract (`abstract_states`: shapes and dtypes, no weight materialised), so
 the planner can compile a full-size step on a laptop; concrete states are created directly in
@@ -16,6 +16,8 @@ inside `jax.jit`, where XLA drops the random init of everything frozen.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -27,7 +29,15 @@ from cotir_jax.models.attention import AttentionSpec, platform_of
 from cotir_jax.models.layers import dtype_of
 from cotir_jax.models.text import build_text_encoder
 from cotir_jax.models.vae import build_vae
-from cotir_jax.train.step import Graphs
+
+@dataclasses.dataclass(frozen=True)
+class Graphs:
+  """Static graph definitions of the modules the step merges with their states."""
+  model: nnx.GraphDef
+  vae: nnx.GraphDef
+  text: nnx.GraphDef
+  clip: nnx.GraphDef | None
+
 
 # our module name → name in a converted base checkpoint
 BASE_NAMES = {"vae": "vae", "text": "text_encoder", "clip": "clip"}
