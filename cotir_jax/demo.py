@@ -287,7 +287,7 @@ def _main(argv: list[str]) -> int:
     bench = os.path.join(config_lib.REPO_ROOT, bench)
     if not os.path.isdir(bench):
       raise DemoError(f"--examples {args.examples!r} does not exist")
-  from cotir_jax.train.program import configure_compiler
+  from cotir_jax.compiler import configure_compiler
   configure_compiler(cfg)
   demo = Demo(cfg, weights)
   with tempfile.TemporaryDirectory(prefix="cotir-demo-examples-") as tmp:

@@ -64,8 +64,8 @@ from cotir_jax.models.flux import FluxTransformer  # noqa: E402
 from cotir_jax.models.spec import ModelSpec  # noqa: E402
 from cotir_jax.models.text import build_text_encoder, text_config  # noqa: E402
 from cotir_jax.models.vae import build_vae  # noqa: E402
+from cotir_jax.modules import build_tokenizers  # noqa: E402
 from cotir_jax.train import objective as obj  # noqa: E402
-from cotir_jax.train.modules import build_tokenizers  # noqa: E402
 from cotir_jax.train.step import guidance_for  # noqa: E402
 
 CONFIGS = {"flux2": "configs/tiny.py", "flux1": "configs/tiny_kontext.py"}
