@@ -279,8 +279,9 @@ def test_errors_name_file_key_and_shapes(tmp_path):
   bad = dict(adapter)
   bad["cot_adapter.decoder.1.linear2.weight"] = torch.zeros(64, 7, dtype=torch.bfloat16)
   torch.save(bad, tmp_path / "bad.pt")
-  with pytest.raises(ConversionError, match=r"bad\.pt.*decoder\.1\.linear2\.weight.*\(64, 7\).*"
-                                            r"expects \(320, 64\)"):
+  h = int(cfg.model.hidden_size)  # linear2 reads the attention output and the 4h-wide MLP
+  with pytest.raises(ConversionError, match=rf"bad\.pt.*decoder\.1\.linear2\.weight.*\(64, 7\).*"
+                                            rf"expects \({5 * h}, {h}\)"):
     convert.load_cotir_weights(model, None, str(tmp_path / "bad.pt"))
   missing = {k: v for k, v in lora.items() if k != "single_blocks.1.linear1.lora_B.bias"}
   torch.save(missing, tmp_path / "missing.pt")

@@ -189,16 +189,17 @@ def test_init_from_errors_are_one_line(prog, source, tmp_path, capsys):
   convert.cotir_to_orbax(str(tmp_path / "rank4" / "lora.pt"),
                          str(tmp_path / "rank4" / "cot_adapter.pt"), rank4,
                          str(tmp_path / "rank4_orbax"))
+  h = int(rank4.model.hidden_size)
   for init_from, message in (
       (str(tmp_path / "nope"), f"training.init_from '{tmp_path / 'nope'}' does not exist"),
       (str(only_adapter), "no lora file, but the config has LoRA (model.lora.enabled)"),
       (str(tmp_path / "no_lora"), "holds no LoRA weights, but the config has LoRA"),
       (str(tmp_path / "rank4"), "lora.pt: key(s) {'final_layer.adaLN_modulation.1.lora_A.weight': "
-                                "(4, 64)} give shape (64, 4) for our "
+                                f"(4, {h})}} give shape ({h}, 4) for our "
                                 "'backbone.final_layer.adaLN_modulation.lora.a', which expects "
-                                "(64, 8)"),
+                                f"({h}, 8)"),
       (str(tmp_path / "rank4_orbax"), "key 'backbone.final_layer.adaLN_modulation.lora.a' has "
-                                      "shape (64, 4), the config expects (64, 8)")):
+                                      f"shape ({h}, 4), the config expects ({h}, 8)")):
     with pytest.raises(ConversionError) as e:
       prog.read_params(init_from)
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
