@@ -271,6 +271,9 @@ def candidates(cfg, n_chips: int, stages: list[int], platform: str = "tpu"):
       if any(int(b) % accum for b in t.batch_sizes):
         continue
       micro = [int(b) // accum for b in t.batch_sizes]  # training runs every stage
+      c = _with(cfg, **{"model.remat_policy": remat, "training.gradient_accumulation_steps": accum})
+      cost = max(closed_form.analytic_flops(c, int(t.patch_sizes[s]), int(t.batch_sizes[s])).total
+                 / int(t.batch_sizes[s]) for s in stages)  # the same for every mesh
       for tensor in divisors:
         if heads % tensor or tensor > 8:
           continue
@@ -282,10 +285,6 @@ def candidates(cfg, n_chips: int, stages: list[int], platform: str = "tpu"):
             sharding.fit_batches((data, fsdp, tensor), None, micro, heads)
           except ValueError:
             continue
-          c = _with(cfg, **{"model.remat_policy": remat,
-                            "training.gradient_accumulation_steps": accum})
-          cost = max(closed_form.analytic_flops(c, int(t.patch_sizes[s]), int(t.batch_sizes[s])).total
-                     / int(t.batch_sizes[s]) for s in stages)
           fields = {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor,
                     "model.remat_policy": remat, "training.gradient_accumulation_steps": accum}
           # FLOPs first; then less tensor parallelism, less accumulation, more FSDP than DP,

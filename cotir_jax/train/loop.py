@@ -133,8 +133,9 @@ def _train(cfg, workdir: str, start: preflight.Startup) -> dict:
         t0 = time.perf_counter()
         jstep = prog.lower(stage).compile()
         validate = prog.validate(stage) if cfg.training.val_steps > 0 else None
-        held_out = (pipeline.validation_batch(cfg, prog.val_patch(stage), prog.val_rows(stage),
-                                              start.tokenizers)
+        # the held-out batch is the same on every process (same files, same seed): placed once
+        held_out = (prog.place_batch(pipeline.validation_batch(
+            cfg, prog.val_patch(stage), prog.val_rows(stage), start.tokenizers))
                     if validate and cfg.data.get("val_data_dir") else None)
         count = StepFlops.of(cfg, stage, jstep)  # model (mfu) and executed (hfu) FLOPs
         global_batch = int(cfg.training.batch_sizes[stage])
@@ -160,10 +161,13 @@ def _train(cfg, workdir: str, start: preflight.Startup) -> dict:
           if cfg.training.val_steps > 0 and step % cfg.training.val_steps == 0:
             # every process runs the (SPMD) sampler on the held-out batch or the lead's first
             # samples; the lead writes
-            val = held_out or {k: v[:prog.val_rows(stage)] for k, v in local.items()}
-            if jax.process_count() > 1:
-              val = multihost_utils.broadcast_one_to_all(val)
-            images, scores = validate(state[prog.val_weights], frozen, prog.place_batch(val))
+            val = held_out
+            if val is None:
+              val = {k: v[:prog.val_rows(stage)] for k, v in local.items()}
+              if jax.process_count() > 1:
+                val = multihost_utils.broadcast_one_to_all(val)
+              val = prog.place_batch(val)
+            images, scores = validate(state[prog.val_weights], frozen, val)
             scores = {k: float(np.mean(v)) for k, v in jax.device_get(scores).items()}
             if lead:
               grid = _grid(images)
