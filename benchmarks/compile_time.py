@@ -55,7 +55,7 @@ def parts(prog: Program, stage: int) -> dict:
   deltas = obj.deltas_from_config(cfg)
 
   def model(params, frozen, inp, lambdas, key):
-    x_t, x_0, t = obj.flow_matching_inputs(key, inp.x_1, cfg.compat)
+    x_t, x_0, t = obj.flow_matching_inputs(key, inp.x_1, cfg.compat, cfg.training.timestep_shift)
     b = inp.x_1.shape[0]
     ids = latents.position_ids(b, inp.grid, inp.txt.shape[1], cfg.model.family)
     args = obj.model_inputs(x_t, inp.x_c, ids[0], ids[1], inp.txt, ids[2], t, cfg.compat)

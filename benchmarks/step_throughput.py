@@ -356,7 +356,7 @@ def step_zero_draws(cfg, rng, x_1):
   rows = x_1.shape[0]
   k_prompt, k_fm = _split_rows(jax.random.split(jax.random.fold_in(rng, 0), rows))
   use_gen = jax.vmap(jax.random.uniform)(k_prompt) < optim.use_gen_prob(cfg, 0)
-  _, x_0, t = obj.flow_matching_inputs(k_fm, x_1, cfg.compat)
+  _, x_0, t = obj.flow_matching_inputs(k_fm, x_1, cfg.compat, cfg.training.timestep_shift)
   return np.asarray(x_0, np.float32), np.asarray(t, np.float32), np.asarray(use_gen)
 
 

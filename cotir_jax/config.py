@@ -245,6 +245,9 @@ def defaults(base_model_name: str = "flux.2-klein-4b") -> ml_collections.ConfigD
   c.training.min_learning_rate = 5e-5
   c.training.max_grad_norm = 1.0
   c.training.gradient_accumulation_steps = 1
+  # t of the flow-matching draw: sigmoid(N(0, 1)) as upstream (1.0), or shifted towards noise
+  # by s·t / (1 + (s − 1)·t), where a few-step sampler spends most of its evaluations
+  c.training.timestep_shift = 1.0
   c.training.delta_s = 1e-4
   c.training.delta_d = 1e-4
   c.training.delta_p = 1e-4
@@ -481,6 +484,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     v = cfg.mesh[key]
     if not isinstance(v, int) or (v < 1 and v != -1):
       raise ConfigError(f"mesh.{key}={v!r} must be a positive int or -1")
+  shift = cfg.training.timestep_shift
+  if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
+    raise ConfigError(f"training.timestep_shift={shift!r} must be a number > 0 (1.0: upstream's "
+                      "unshifted draw)")
   inf = cfg.inference
   for key, low in (("num_steps", 1), ("batch_size", 0)):
     if not isinstance(inf[key], int) or inf[key] < low:

@@ -443,6 +443,25 @@ def test_losses_and_constraints():
   assert float(objective.text_loss(jnp.zeros((1, 2, 4)), jnp.zeros((1, 2, 4)))) == 0.0
 
 
+def test_timestep_shift_moves_the_draw_towards_noise():
+  """shift 1 is upstream's sigmoid(N(0, 1)) draw; shift s maps each draw t to s·t / (1 + (s − 1)·t)
+  (same noise, same ε), the resolution shift of the FLUX samplers; a bad value names the field."""
+  keys = jax.random.split(jax.random.key(4), 4096)
+  x_1 = jnp.zeros((4096, 2, 3))
+  _, x_0, t = objective.flow_matching_inputs(keys, x_1)
+  _, x_0s, ts = objective.flow_matching_inputs(keys, x_1, shift=7.0)
+  np.testing.assert_array_equal(x_0, x_0s)
+  np.testing.assert_allclose(ts, 7 * t / (1 + 6 * t), rtol=1e-6)
+  eps = jax.vmap(lambda k: jax.random.normal(jax.random.split(k)[1], (), jnp.float32))(keys)
+  np.testing.assert_allclose(t, jax.nn.sigmoid(eps), rtol=1e-6)
+  assert float(jnp.mean(t > 0.9)) < 0.03 and float(jnp.mean(ts > 0.9)) > 0.3
+  for bad in (0.0, -1.0, float("nan")):
+    cfg = config.defaults("flux.2-klein-4b")
+    cfg.training.timestep_shift = bad
+    with pytest.raises(config.ConfigError, match=r"training\.timestep_shift=.* must be a number > 0"):
+      config.validate(cfg)
+
+
 def test_compat_casts_to_bf16():
   x_1 = jnp.ones((1, 4, 8), jnp.bfloat16)
   x_t, x_0, t = objective.flow_matching_inputs(jax.random.key(1), x_1, "upstream")

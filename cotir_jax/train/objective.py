@@ -34,24 +34,30 @@ def model_inputs(x_t, x_c, ids_tgt, ids_cnd, txt, txt_ids, t, compat: str = "def
 
 # --------------------------------------------------------------------------- flow matching
 
-def sample_timesteps(keys: jax.Array) -> jax.Array:
-  """t = sigmoid(ε), ε ~ N(0, 1) per row key, float32 [B] (logit-normal, no shift)."""
-  return jax.nn.sigmoid(jax.vmap(lambda k: jax.random.normal(k, (), jnp.float32))(keys))
+def sample_timesteps(keys: jax.Array, shift: float = 1.0) -> jax.Array:
+  """t = sigmoid(ε), ε ~ N(0, 1) per row key, float32 [B] (logit-normal, upstream's draw).
+
+  `shift` s ≠ 1 maps t → s·t / (1 + (s − 1)·t) (the sampler's resolution shift, applied to the
+  draw): s > 1 moves training towards the high-noise timesteps that a few-step FLUX schedule
+  spends most of its evaluations on."""
+  t = jax.nn.sigmoid(jax.vmap(lambda k: jax.random.normal(k, (), jnp.float32))(keys))
+  return t if shift == 1.0 else shift * t / (1.0 + (shift - 1.0) * t)
 
 
-def flow_matching_inputs(keys: jax.Array, x_1: jax.Array, compat: str = "default"):
+def flow_matching_inputs(keys: jax.Array, x_1: jax.Array, compat: str = "default",
+                         shift: float = 1.0):
   """Returns (x_t, x_0, t): noise x_0 in the input dtype (bf16 under compat, as upstream), t f32,
   x_t = (1 − t)·x_1 + t·x_0 in float32 (type promotion, as upstream).
 
   `keys`: one key per row [B] (each sample's draws depend only on its own key), or a single
-  key, split into one per row.
+  key, split into one per row. `shift`: see `sample_timesteps`.
   """
   if keys.ndim == 0:
     keys = jax.random.split(keys, x_1.shape[0])
   pairs = jax.vmap(jax.random.split)(keys)
   dtype = latents.input_dtype(compat)
   x_0 = jax.vmap(lambda k: jax.random.normal(k, x_1.shape[1:], dtype))(pairs[:, 0])
-  t = sample_timesteps(pairs[:, 1])
+  t = sample_timesteps(pairs[:, 1], shift)
   tt = t[:, None, None]
   x_t = (1.0 - tt) * x_1.astype(jnp.float32) + tt * x_0.astype(jnp.float32)
   return x_t, x_0, t

@@ -133,6 +133,7 @@ def make_train_step(cfg, graphs: Graphs, tx: optax.GradientTransformation, prepa
   lr_logged = optim.lr_unfloored(cfg)
   k = int(cfg.training.gradient_accumulation_steps)
   ema_decay = float(cfg.training.ema_decay)
+  shift = float(cfg.training.timestep_shift)
 
   def grads_and_aux(params, frozen, batch, keys, p_gen, lambdas, norms):
     """Gradient and loss terms of one (micro-)batch whose rows draw from `keys`; `norms` [3]:
@@ -141,7 +142,7 @@ def make_train_step(cfg, graphs: Graphs, tx: optax.GradientTransformation, prepa
     use_gen = jax.vmap(jax.random.uniform)(k_prompt) < p_gen
     inp = prepare_inputs(cfg, graphs, frozen, batch, use_gen)
     b = inp.x_1.shape[0]
-    x_t, x_0, t = obj.flow_matching_inputs(k_fm, inp.x_1, compat)
+    x_t, x_0, t = obj.flow_matching_inputs(k_fm, inp.x_1, compat, shift)
     ids_tgt, ids_cnd, txt_ids = latents.position_ids(b, inp.grid, inp.txt.shape[1], family)
     img, img_ids, txt, txt_ids, t_in = obj.model_inputs(x_t, inp.x_c, ids_tgt, ids_cnd, inp.txt,
                                                         txt_ids, t, compat)
