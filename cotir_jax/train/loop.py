@@ -158,7 +158,7 @@ def _train(cfg, workdir: str, start: preflight.Startup) -> dict:
           done = step + 1
           last = done == total or done == stage_end
           scores, stopping = {}, stop.check()
-          if cfg.training.val_steps > 0 and step % cfg.training.val_steps == 0:
+          if cfg.training.val_steps > 0 and (step % cfg.training.val_steps == 0 or done == total):
             # every process runs the (SPMD) sampler on the held-out batch or the lead's first
             # samples; the lead writes
             val = held_out
