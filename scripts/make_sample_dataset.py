@@ -2,7 +2,7 @@
 """Build the committed CoTIR-Bench-layout sample datasets from scikit-image's bundled photographs.
 
 Two sets from disjoint photographs: the training pairs (`data/sample`) and the held-out pairs
-that the tiny configs validate on (`data/sample_val`, `data.val_data_dir`; one per degradation
+that the tiny configs validate on (`data/sample_val`, `data.val_data_dir`; four per degradation
 type). The tiny pretrained base (`scripts/pretrain_tiny_base.py`) never sees the held-out
 photographs either. Output (upstream layout), for each set:
   <out>/image/<deg_type>/<deg_type>-NNNNNN.tar   webdataset shards: <key>.hq.png, <key>.lq.png, <key>.meta.json
@@ -11,7 +11,9 @@ photographs either. Output (upstream layout), for each set:
   <out>/prompts/spe_prompt/<jpeg_type>.txt       prompts for a JPEG quality class
 
 Degradations are synthetic (noise, blur, JPEG, haze, low light, rain, lost colour) plus mixtures,
-strong enough to survive the tiny models' downsizing to 64 pixels, and every sample carries
+sized for the 64-pixel images the tiny models train on (stored at that size: a 256-pixel blur
+or rain streak resized to 64 mostly vanishes, leaving pairs the tiny autoencoder cannot tell
+apart), and every sample carries
 questions and a CoT answer in the upstream format. Deterministic for a seed:
 tar headers carry fixed times/owners and PNGs are written with fixed settings.
 
@@ -115,9 +117,12 @@ def load_photo(name: str) -> np.ndarray:
 
 
 def square(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-  """Random square crop of 70-100% of the shorter side, resized (Lanczos) to size x size."""
+  """Random square crop of 35-100% of the shorter side (whole scenes and close-ups: many
+  different images from few photographs), randomly mirrored, resized (Lanczos) to size x size."""
   h, w = img.shape[:2]
-  s = int(min(h, w) * rng.uniform(0.7, 1.0))
+  s = int(min(h, w) * rng.uniform(0.35, 1.0))
+  if rng.random() < 0.5:
+    img = img[:, ::-1]
   y, x = rng.integers(0, h - s + 1), rng.integers(0, w - s + 1)
   return np.asarray(Image.fromarray(img[y:y + s, x:x + s]).resize((size, size), Image.LANCZOS))
 
@@ -125,10 +130,11 @@ def square(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
 def degrade(x: np.ndarray, comp: str, rng: np.random.Generator, info: dict) -> np.ndarray:
   f = x.astype(np.float32)
   h, w = x.shape[:2]
+  k = w / 64  # sizes in pixels of a 64-pixel image: what the tiny models see
   if comp == "noise":
     f = f + rng.normal(0, rng.uniform(15, 30), f.shape)
   elif comp == "blur":
-    f = np.asarray(Image.fromarray(x).filter(ImageFilter.GaussianBlur(rng.uniform(2.0, 4.0) * h / 512)), np.float32)
+    f = np.asarray(Image.fromarray(x).filter(ImageFilter.GaussianBlur(rng.uniform(1.0, 2.0) * k)), np.float32)
   elif comp == "jpeg":
     q = int(rng.integers(8, 16)) if rng.random() < 0.5 else int(rng.integers(25, 40))
     info["jpeg_type"] = "heavy_jpeg" if q < 20 else "mild_jpeg"
@@ -149,12 +155,12 @@ def degrade(x: np.ndarray, comp: str, rng: np.random.Generator, info: dict) -> n
     layer = Image.new("L", (w, h), 0)
     d = ImageDraw.Draw(layer)
     angle = rng.uniform(-0.4, 0.4)
-    for _ in range(int(rng.integers(250, 400) * h / 512)):
+    for _ in range(int(rng.integers(30, 50) * k * k)):
       x0, y0 = rng.uniform(0, w), rng.uniform(-20, h)
-      ln = rng.uniform(10, 30) * h / 512
+      ln = rng.uniform(3, 8) * k
       d.line([(x0, y0), (x0 + ln * np.sin(angle), y0 + ln * np.cos(angle))],
              fill=int(rng.integers(120, 220)), width=1)
-    streaks = np.asarray(layer.filter(ImageFilter.GaussianBlur(0.7)), np.float32)[..., None]
+    streaks = np.asarray(layer.filter(ImageFilter.GaussianBlur(0.3 * k)), np.float32)[..., None]
     f = f + streaks * 0.8
   else:
     raise ValueError(comp)
@@ -187,7 +193,7 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
   tar.addfile(ti, io.BytesIO(data))
 
 
-def build_dataset(out: str | Path, *, size: int = 256, per_type: int = 3, per_shard: int = 3,
+def build_dataset(out: str | Path, *, size: int = 64, per_type: int = 48, per_shard: int = 16,
                   seed: int = 0, types: list[str] | None = None,
                   photos: tuple[str, ...] = TRAIN) -> Path:
   """Write the layout under `out` (replacing image/ and prompts/); returns out."""
@@ -232,17 +238,19 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", default="data/sample", help="training pairs")
   ap.add_argument("--val_out", default="data/sample_val",
-                  help=f"held-out pairs (one per type) from {', '.join(HELD_OUT)}; '' skips them")
-  ap.add_argument("--size", type=int, default=256,
+                  help=f"held-out pairs from {', '.join(HELD_OUT)}; '' skips them")
+  ap.add_argument("--size", type=int, default=64,
                   help="stored HQ/LQ size (upstream stores 512x512; the tiny models train at 32-64)")
-  ap.add_argument("--per-type", type=int, default=3)
-  ap.add_argument("--per-shard", type=int, default=3)
+  ap.add_argument("--per-type", type=int, default=48)
+  ap.add_argument("--per-shard", type=int, default=16)
+  ap.add_argument("--val-per-type", type=int, default=4,
+                  help="held-out pairs per type (one shard per type)")
   ap.add_argument("--seed", type=int, default=0)
   a = ap.parse_args(argv)
   sets = [build_dataset(a.out, size=a.size, per_type=a.per_type, per_shard=a.per_shard, seed=a.seed)]
   if a.val_out:
-    sets.append(build_dataset(a.val_out, size=a.size, per_type=1, per_shard=1, seed=a.seed + 1,
-                              photos=HELD_OUT))
+    sets.append(build_dataset(a.val_out, size=a.size, per_type=a.val_per_type,
+                              per_shard=a.val_per_type, seed=a.seed + 1, photos=HELD_OUT))
   for out in sets:
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"wrote {out} ({total / 2**20:.1f} MiB)")
