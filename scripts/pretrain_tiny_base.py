@@ -16,10 +16,14 @@ modules (`save_pretrained`, loaded back strictly by diffusers) and converts it w
    FLUX.1's scaling and shift factors, are measured on the latents so the transformer sees unit
    variance.
 2. text encoders: random (seeded, as the random-weight tiny configs make them), frozen.
-3. transformer: an image *editor* pretrained with the training objective's flow matching (the
-   functions of `cotir_jax.train.objective`) on the target latents given the reference image's
-   latents: the target is the reference itself, whatever the prompt (random sentences).
-   Restoration is what the CoTIR fine-tune adds.
+3. transformer: an instruction-following image *editor* pretrained with the training
+   objective's flow matching (the functions of `cotir_jax.train.objective`, with the tiny
+   configs' `training.timestep_shift`) on the target latents given the reference image's latents
+   and a prompt: a third of the targets are the reference itself under a random sentence, the
+   rest one light global edit of EDITS (brighter / darker, more / less contrast or colour,
+   warmer / cooler, softer / sharper) under one of its instructions. Such an editor reads its
+   prompt and keeps the reference's content, as FLUX.2-klein and Kontext do; restoration is
+   what the CoTIR fine-tune adds.
 
 The photographs held out for validation (`scripts/make_sample_dataset.py`: HELD_OUT) are never
 used. Needs the test extra (`pip install -e ".[test]"`: scikit-image, torch, diffusers).
@@ -45,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from PIL import Image
+from PIL import Image, ImageFilter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # this checkout's cotir_jax, also without `pip install -e .`
@@ -200,6 +204,70 @@ def random_prompts(rng: np.random.Generator, n: int) -> list[str]:
           for _ in range(n)]
 
 
+def _gray(x):
+  return np.mean(x, axis=-1, keepdims=True)
+
+
+def _blur(x, radius: float):
+  return np.stack([np.asarray(Image.fromarray(sampler.to_uint8(im * 2 - 1)).filter(
+      ImageFilter.GaussianBlur(radius)), np.float32) / 255.0 for im in x])
+
+
+# Light global edits the editor learns to follow from an instruction, in both directions (what
+# an instruction editor such as FLUX.2-klein or Kontext does with a photo). `a` ∈ [0.15, 0.4]:
+# a visible change, far from a degradation. Functions of images in [0, 1], [B, H, W, 3].
+EDITS = {
+    "brighter": (("Make it brighter.", "Brighten the picture.", "Increase the exposure.",
+                  "Make the photo lighter."), lambda x, a: x ** (1 - a)),
+    "darker": (("Make it darker.", "Darken the picture.", "Lower the exposure.",
+                "Make the photo dimmer."), lambda x, a: x ** (1 + a)),
+    "more_contrast": (("Increase the contrast.", "More contrast please.", "Make it punchier."),
+                      lambda x, a: x.mean((1, 2), keepdims=True) * -a + x * (1 + a)),
+    "less_contrast": (("Lower the contrast.", "Less contrast please.", "Make it look flat."),
+                      lambda x, a: x.mean((1, 2), keepdims=True) * a + x * (1 - a)),
+    "more_colour": (("Make the colours stronger.", "Increase the saturation.", "More colour."),
+                    lambda x, a: _gray(x) * -a + x * (1 + a)),
+    "less_colour": (("Make the colours weaker.", "Desaturate the picture.", "Less colour."),
+                    lambda x, a: _gray(x) * a + x * (1 - a)),
+    "warmer": (("Make it warmer.", "Give it a warm tone.", "Warm up the colours."),
+               lambda x, a: x * np.concatenate([1 + a / 2, a * 0 + 1, 1 - a / 2], -1)),
+    "cooler": (("Make it cooler.", "Give it a cold tone.", "Cool down the colours."),
+               lambda x, a: x * np.concatenate([1 - a / 2, a * 0 + 1, 1 + a / 2], -1)),
+    "softer": (("Soften the picture.", "Make it a little soft.", "Smooth the details."),
+               lambda x, a: _blur(x, 2.5 * a * x.shape[1] / 64)),
+    "sharper": (("Sharpen the picture.", "Make the details crisper.", "Add some sharpness."),
+                lambda x, a: x + 3 * a * (x - _blur(x, x.shape[1] / 64))),
+}
+COPY_SHARE = 1 / 3  # of the editor's samples: the target is the reference, the prompt random
+
+
+def edit_pairs(images, rng: np.random.Generator, n_random: int):
+  """(targets in [-1, 1], prompt index per image) for images in [-1, 1]: a third are copies
+  under one of the first `n_random` prompts of `prompt_list`, the rest one edit of EDITS each
+  under one of its instructions (the prompts after the random ones, in EDITS order)."""
+  names = list(EDITS)
+  offsets = np.cumsum([n_random] + [len(EDITS[k][0]) for k in names])
+  kind = np.where(rng.random(len(images)) < COPY_SHARE, -1, rng.integers(len(names), size=len(images)))
+  out, prompt = images.copy(), rng.integers(n_random, size=len(images))
+  for j, name in enumerate(names):
+    sel = np.flatnonzero(kind == j)
+    if not len(sel):
+      continue
+    texts, fn = EDITS[name]
+    a = rng.uniform(0.15, 0.4, size=(len(sel), 1, 1, 1)).astype(np.float32)
+    x = (images[sel] + 1) / 2
+    out[sel] = np.clip(fn(x, a) if name not in ("softer", "sharper")
+                       else np.concatenate([fn(x[i:i + 1], a[i].item()) for i in range(len(sel))]),
+                       0, 1) * 2 - 1
+    prompt[sel] = offsets[j] + rng.integers(len(texts), size=len(sel))
+  return out.astype(np.float32), prompt
+
+
+def prompt_list(rng: np.random.Generator, n_random: int) -> list[str]:
+  """The editor's prompts: `n_random` random sentences (copies), then every instruction of EDITS."""
+  return random_prompts(rng, n_random) + [t for texts, _ in EDITS.values() for t in texts]
+
+
 def text_bank(cfg, text, clip, prompts):
   """Text features (and FLUX.1's pooled CLIP vectors) of `prompts`, as the training step makes
   them from the tokenized batch."""
@@ -223,27 +291,34 @@ def latent_tokens(vae, images, family: str) -> np.ndarray:
 
 
 def train_editor(cfg, backbone, vae, pool, bank, val, *, steps: int, sizes, batch: int, lr: float,
-                 bank_size: int, seed: int):
+                 bank_size: int, n_random: int, shift: float, seed: int):
   """Flow matching (the training step's draws, inputs and loss) of the target latent tokens
-  given the reference's; the target is the reference. The latents of `bank_size` crops per
-  image side in `sizes` are computed once; each step takes `batch` of them, sides cycled."""
+  given the reference's and the prompt: a copy under a random sentence, or an EDITS edit under
+  its instruction (`edit_pairs`). The latents of `bank_size` crops per image side in `sizes`
+  and of their targets are computed once; each step takes `batch` of them, sides cycled."""
   family = cfg.model.family
   txt_bank, vec_bank = bank
   rng = np.random.default_rng(seed)
   count = lambda side: max(1, bank_size * 64 * 64 // (side * side))  # the same pixels per side
-  tokens = {s: latent_tokens(vae, crops(pool, rng, count(s), s), family) for s in sorted(set(sizes))}
-  log(f"{family}: editor latents of {', '.join(f'{len(t)} crops of {s}²' for s, t in tokens.items())}")
+  pairs = {}
+  for side in sorted(set(sizes)):
+    ref = crops(pool, rng, count(side), side)
+    tgt, prompt = edit_pairs(ref, rng, n_random)
+    pairs[side] = (latent_tokens(vae, ref, family), latent_tokens(vae, tgt, family), prompt)
+  log(f"{family}: editor latents of {', '.join(f'{len(p[0])} crops of {s}²' for s, p in pairs.items())}"
+      f" and their targets ({COPY_SHARE:.0%} copies, the rest edits of {len(EDITS)} kinds)")
+  val_tgt, val_prompt = edit_pairs(val, np.random.default_rng([seed, 98]), n_random)
   graph, params = nnx.split(backbone, nnx.Param)
   tx = optax.chain(optax.clip_by_global_norm(1.0), _adam(lr, steps))
   opt = tx.init(params)
 
   @jax.jit
-  def step(params, opt, x_1, txt, vec, key):
+  def step(params, opt, x_c, x_1, txt, vec, key):
     b, n = x_1.shape[:2]
     grid = (int(round(n ** 0.5)),) * 2
-    x_t, x_0, t = obj.flow_matching_inputs(key, x_1)
+    x_t, x_0, t = obj.flow_matching_inputs(key, x_1, shift=shift)
     ids_tgt, ids_cnd, txt_ids = latents.position_ids(b, grid, txt.shape[1], family)
-    img, img_ids, txt_in, txt_ids, t_in = obj.model_inputs(x_t, x_1, ids_tgt, ids_cnd, txt,
+    img, img_ids, txt_in, txt_ids, t_in = obj.model_inputs(x_t, x_c, ids_tgt, ids_cnd, txt,
                                                            txt_ids, t)
 
     def loss(p):
@@ -271,19 +346,21 @@ def train_editor(cfg, backbone, vae, pool, bank, val, *, steps: int, sizes, batc
 
   key = jax.random.key(seed)
   pick = lambda idx, a: None if a is None else a[idx]
+  copies = val_prompt < n_random
+  rec = _psnr(nnx.merge(vgraph, vstate).decode(nnx.merge(vgraph, vstate).encode(val_tgt)), val_tgt)
   for i in range(1, steps + 1):
     side = sizes[(i - 1) % len(sizes)]
     n = max(1, batch * 64 * 64 // (side * side))  # the same number of image tokens every step
-    idx = rng.integers(len(txt_bank), size=n)
-    x_1 = tokens[side][rng.integers(len(tokens[side]), size=n)]
-    params, opt, value = step(params, opt, x_1, txt_bank[idx], pick(idx, vec_bank),
-                              jax.random.fold_in(key, i))
+    ref, tgt, prompt = pairs[side]
+    idx = rng.integers(len(ref), size=n)
+    params, opt, value = step(params, opt, ref[idx], tgt[idx], txt_bank[prompt[idx]],
+                              pick(prompt[idx], vec_bank), jax.random.fold_in(key, i))
     if i % max(1, steps // 8) == 0 or i == steps:
-      idx = np.arange(len(val)) % len(txt_bank)
-      out = edit(params, val, txt_bank[idx], pick(idx, vec_bank))
-      log(f"{family}: editor step {i}/{steps}: loss {float(value):.4f}, held-out copy PSNR "
-          f"{_psnr(out, val):.2f} dB ({cfg.inference.num_steps} Euler steps; the autoencoder "
-          f"alone: {_psnr(nnx.merge(vgraph, vstate).decode(nnx.merge(vgraph, vstate).encode(val)), val):.2f})")
+      out = np.asarray(edit(params, val, txt_bank[val_prompt], pick(val_prompt, vec_bank)))
+      log(f"{family}: editor step {i}/{steps}: loss {float(value):.4f}; held-out PSNR "
+          f"({cfg.inference.num_steps} Euler steps) of copies {_psnr(out[copies], val_tgt[copies]):.2f} dB, "
+          f"of edits {_psnr(out[~copies], val_tgt[~copies]):.2f} dB (their references: "
+          f"{_psnr(val[~copies], val_tgt[~copies]):.2f}; the autoencoder alone: {rec:.2f})")
   nnx.update(backbone, params)
   return backbone
 
@@ -413,7 +490,7 @@ def pretrain_family(cfg, trained_vae, pool, val, args, out: str) -> dict:
   kw = dict(dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
   text = build_text_encoder(m.text_encoder, **kw)
   clip = build_text_encoder(m.clip, **kw) if family == "flux1" else None
-  bank = text_bank(cfg, text, clip, random_prompts(rng, args.prompts))
+  bank = text_bank(cfg, text, clip, prompt_list(rng, args.prompts))
   spec = ModelSpec.from_config(m).replace(lora=None, dtype=jnp.float32, param_dtype=jnp.float32)
   backbone = FluxTransformer(spec, rngs=rngs)
   for path, var in nnx.to_flat_state(nnx.state(backbone, nnx.Param)):
@@ -422,7 +499,7 @@ def pretrain_family(cfg, trained_vae, pool, val, args, out: str) -> dict:
   sizes = tuple(int(s) for s in args.editor_sizes.split(","))
   train_editor(cfg, backbone, vae, pool, bank, val, steps=args.editor_steps, sizes=sizes,
                batch=args.editor_batch, lr=args.editor_lr, bank_size=args.editor_bank,
-               seed=args.seed)
+               n_random=args.prompts, shift=float(cfg.training.timestep_shift), seed=args.seed)
   return {"transformer": backbone, "vae": vae, "vae_config": vae_cfg, "text": text,
           "text_config": text_config(m.text_encoder), "clip": clip,
           "clip_config": text_config(m.clip) if family == "flux1" else None}
@@ -456,7 +533,7 @@ def main(argv=None) -> int:
   ap.add_argument("--vae_batch", type=int, default=16)
   ap.add_argument("--vae_size", type=int, default=32)
   ap.add_argument("--vae_lr", type=float, default=3e-3)
-  ap.add_argument("--editor_steps", type=int, default=400)
+  ap.add_argument("--editor_steps", type=int, default=800)
   ap.add_argument("--editor_batch", type=int, default=8)
   ap.add_argument("--editor_sizes", default="32,64",
                   help="image sides of the editor's steps, cycled")
@@ -479,7 +556,7 @@ def main(argv=None) -> int:
                        f"{CONFIGS['flux1']}; the families share one trained autoencoder")
   held = _held_out()
   pool = pyramid(COLOUR + GRAY)
-  val = crops(pyramid(held), np.random.default_rng([args.seed, 99]), 16, 64)
+  val = crops(pyramid(held), np.random.default_rng([args.seed, 99]), 32, 64)
   log(f"{len(pool)} training images ({sum(p.size for p in pool) / 3e6:.1f} Mpx); held-out "
       f"photographs {held} only measure progress")
   trunk = build_vae(cfgs["flux1"].model.vae, dtype=jnp.float32, param_dtype=jnp.float32,

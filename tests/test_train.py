@@ -96,15 +96,21 @@ def _losses(rows):
   return [(r["step"], r["loss"], r["img_loss"], r["txt_s_loss"]) for r in rows]
 
 
-# The shipped base is an image editor that copies its reference: at the step-0 validation
-# (LoRA's B and the adapter's output start at zero, the learning rate warms up from zero) its
-# held-out results sit this close below their LQ inputs (measured 3.2 dB: the tiny
-# autoencoder's own reconstruction error added to the degradation), where random frozen weights
-# give noise (12.8 dB against LQ 21.6).
-BASE_BELOW_LQ = 4.0
+# The shipped base is an image editor that copies its reference unless told otherwise: at the
+# step-0 validation (LoRA's B and the adapter's output start at zero, the learning rate warms up
+# from zero) its held-out results score about what their LQ inputs do (measured 18.47 / 18.36 dB
+# with the generic / specific prompt against LQ 18.47; random frozen weights give noise).
+BASE_BELOW_LQ = 1.0
+# The quick start's fine-tune restores: after its last step the held-out PSNR was 19.33 / 19.35
+# dB (generic / specific prompt), above the LQ inputs' by 0.86 / 0.88 dB and above the base's by
+# 0.86 / 0.99 dB, measured on 2 CPU cores; asserted with more than 0.3 dB to spare.
+RESTORES_BY = 0.5
+
+
 def test_quick_start_runs_to_the_end(tmp_path):
   """The README's first command on a fresh workdir: progress bar, metrics, checkpoints,
-  validation PNGs, one compile per stage, held-out validation from the shipped base."""
+  validation PNGs, one compile per stage, held-out validation from the shipped base, and a
+  fine-tune that restores: held-out PSNR above the LQ inputs and above the base."""
   from cotir_jax import config
   t = config.load(os.path.join(REPO, "configs", "tiny.py")).training
   total, stages = int(t.iterations[-1]), len(t.iterations)
@@ -115,7 +121,7 @@ def test_quick_start_runs_to_the_end(tmp_path):
   assert [r["step"] for r in rows] == list(range(total))
   saves = sorted(set(range(t.save_steps, total + 1, t.save_steps)) | {total})
   assert sorted(os.listdir(workdir / "checkpoints"), key=int) == [str(s) for s in saves[-2:]]
-  validated = list(range(0, total, t.val_steps))
+  validated = sorted(set(range(0, total, t.val_steps)) | {total - 1})  # and after the last step
   assert sorted(os.listdir(workdir / "validation")) == [f"step_{s:06d}.png" for s in validated]
   with open(workdir / "summary.json") as f:
     summary = json.load(f)
@@ -134,7 +140,9 @@ def test_quick_start_runs_to_the_end(tmp_path):
   assert base["val_psnr_lq"] == last["val_psnr_lq"]  # the same held-out batch every time
   for which in ("gen", "spe"):
     assert base[f"val_psnr_{which}"] > base["val_psnr_lq"] - BASE_BELOW_LQ, base
-    assert 0 < last[f"val_psnr_{which}"] < 100 and -1 <= last[f"val_ssim_{which}"] <= 1
+    assert last[f"val_psnr_{which}"] > base["val_psnr_lq"] + RESTORES_BY, (which, base, last)
+    assert last[f"val_psnr_{which}"] > base[f"val_psnr_{which}"] + RESTORES_BY, (which, base, last)
+    assert -1 <= last[f"val_ssim_{which}"] <= 1
 
 
 @pytest.fixture(scope="module")
