@@ -92,9 +92,9 @@ def test_http_api_restores_an_example_and_keeps_no_upload(server, tmp_path):
   with Image.open(path) as lq, Image.open(result) as out:
     assert out.size == lq.size and out.mode == "RGB"
     assert np.asarray(out).std() > 0
-  assert status.startswith("Restored 256×256 in "), status
+  assert status.startswith("Restored 64×64 in "), status
   with Image.open(slider[0]) as before:  # the before/after pair: the input as restored
-    assert before.size == (256, 256)
+    assert before.size == (64, 64)
   # the uploaded file is gone once answered (what the page shows, the input as restored and the
   # result, stays in Gradio's cache, swept every minute of files older than 10 minutes)
   kept = glob.glob(os.path.join(uploads, "**", os.path.basename(path)), recursive=True)

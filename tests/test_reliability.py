@@ -175,7 +175,7 @@ def test_resume_config_check_reads_only_the_stored_config(tmp_path):
                        "  model.cot_adapter.hidden_size: 128 → 256",
                        "  model.cot_adapter.num_heads: 4 → 8",
                        "  model.hidden_size: 128 → 256",
-                       "  model.lora.rank: 8 → 4",
+                       "  model.lora.rank: 32 → 4",
                        "  model.num_heads: 4 → 8"]
   # a field the checkpoint's config does not have (the schema grew since) is not a mismatch
   breaking, allowed = checkpoint.config_changes({"model": {"depth": 2}}, {"model": {"depth": 2,

@@ -93,9 +93,9 @@ TENSOR = {
 # Trainable elements of one layer of each stack (per layer, all shards): what data parallelism
 # reduces in the backward bodies at most (the gradients of LoRA on linear1 / linear2; the
 # adapter block's linear1, linear2, modulation and QK-norm).
-# configs/tiny.py: width H, LoRA rank 8, head width 32; linear1 9H wide, linear2 4H deep.
-H = 128
-TRAINABLE = {"single_blocks": H * 8 + 8 * 9 * H + 9 * H + 4 * H * 8 + 8 * H + H,
+# configs/tiny.py: width H, LoRA rank R, head width 32; linear1 9H wide, linear2 4H deep.
+H, R = 128, 32
+TRAINABLE = {"single_blocks": H * R + R * 9 * H + 9 * H + 4 * H * R + R * H + H,
              "cot_adapter": H * 7 * H + 7 * H + 5 * H * H + H + H * 3 * H + 3 * H + 2 * 32}
 
 COLLECTIVE = re.compile(r"= (.*?) (all-reduce|all-gather|reduce-scatter|all-to-all|"

@@ -189,7 +189,7 @@ def test_init_from_errors_are_one_line(prog, source, tmp_path, capsys):
   convert.cotir_to_orbax(str(tmp_path / "rank4" / "lora.pt"),
                          str(tmp_path / "rank4" / "cot_adapter.pt"), rank4,
                          str(tmp_path / "rank4_orbax"))
-  h = int(rank4.model.hidden_size)
+  h, r = int(rank4.model.hidden_size), int(config.load(TINY).model.lora.rank)
   for init_from, message in (
       (str(tmp_path / "nope"), f"training.init_from '{tmp_path / 'nope'}' does not exist"),
       (str(only_adapter), "no lora file, but the config has LoRA (model.lora.enabled)"),
@@ -197,9 +197,9 @@ def test_init_from_errors_are_one_line(prog, source, tmp_path, capsys):
       (str(tmp_path / "rank4"), "lora.pt: key(s) {'final_layer.adaLN_modulation.1.lora_A.weight': "
                                 f"(4, {h})}} give shape ({h}, 4) for our "
                                 "'backbone.final_layer.adaLN_modulation.lora.a', which expects "
-                                f"({h}, 8)"),
+                                f"({h}, {r})"),
       (str(tmp_path / "rank4_orbax"), "key 'backbone.final_layer.adaLN_modulation.lora.a' has "
-                                      f"shape ({h}, 4), the config expects ({h}, 8)")):
+                                      f"shape ({h}, 4), the config expects ({h}, {r})")):
     with pytest.raises(ConversionError) as e:
       prog.read_params(init_from)
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
