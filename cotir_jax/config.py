@@ -392,13 +392,13 @@ def tiny(base_model_name: str) -> ml_collections.ConfigDict:
   d.max_length = 64           # text tokens per prompt / answer
 
   t = c.training
-  t.iterations = (300, 700)   # ≈ 2.5 min on 2 CPU cores, validation included
+  t.iterations = (250, 600)   # ≈ 2.5 min on 2 CPU cores, validation included
   t.patch_sizes = (32, 64)
   t.batch_sizes = (16, 8)
   t.learning_rate = 2e-3
   t.lr_warmup_steps = 10
-  t.val_steps = 350
-  t.save_steps = 350
+  t.val_steps = 300
+  t.save_steps = 300
   t.log_steps = 1
   t.num_steps = 4
   # exp(μ) of the few-step FLUX.2 schedule at 16-256 tokens is ≈ 7: [1, .955, .875, .70, 0] at
