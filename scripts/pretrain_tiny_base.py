@@ -208,9 +208,11 @@ def _gray(x):
   return np.mean(x, axis=-1, keepdims=True)
 
 
-def _blur(x, radius: float):
+def _blur(x, radius):
+  """Gaussian blur of each image in [0, 1] (PIL, 8-bit); `radius`: one, or one per image."""
+  radii = np.broadcast_to(np.asarray(radius, np.float32).reshape(-1), (len(x),))
   return np.stack([np.asarray(Image.fromarray(sampler.to_uint8(im * 2 - 1)).filter(
-      ImageFilter.GaussianBlur(radius)), np.float32) / 255.0 for im in x])
+      ImageFilter.GaussianBlur(float(r))), np.float32) / 255.0 for im, r in zip(x, radii)])
 
 
 # Light global edits the editor learns to follow from an instruction, in both directions (what
@@ -230,9 +232,9 @@ EDITS = {
     "less_colour": (("Make the colours weaker.", "Desaturate the picture.", "Less colour."),
                     lambda x, a: _gray(x) * a + x * (1 - a)),
     "warmer": (("Make it warmer.", "Give it a warm tone.", "Warm up the colours."),
-               lambda x, a: x * np.concatenate([1 + a / 2, a * 0 + 1, 1 - a / 2], -1)),
+               lambda x, a: x * np.concatenate([1 + a / 2, np.ones_like(a), 1 - a / 2], -1)),
     "cooler": (("Make it cooler.", "Give it a cold tone.", "Cool down the colours."),
-               lambda x, a: x * np.concatenate([1 - a / 2, a * 0 + 1, 1 + a / 2], -1)),
+               lambda x, a: x * np.concatenate([1 - a / 2, np.ones_like(a), 1 + a / 2], -1)),
     "softer": (("Soften the picture.", "Make it a little soft.", "Smooth the details."),
                lambda x, a: _blur(x, 2.5 * a * x.shape[1] / 64)),
     "sharper": (("Sharpen the picture.", "Make the details crisper.", "Add some sharpness."),
@@ -256,9 +258,7 @@ def edit_pairs(images, rng: np.random.Generator, n_random: int):
     texts, fn = EDITS[name]
     a = rng.uniform(0.15, 0.4, size=(len(sel), 1, 1, 1)).astype(np.float32)
     x = (images[sel] + 1) / 2
-    out[sel] = np.clip(fn(x, a) if name not in ("softer", "sharper")
-                       else np.concatenate([fn(x[i:i + 1], a[i].item()) for i in range(len(sel))]),
-                       0, 1) * 2 - 1
+    out[sel] = np.clip(fn(x, a), 0, 1) * 2 - 1
     prompt[sel] = offsets[j] + rng.integers(len(texts), size=len(sel))
   return out.astype(np.float32), prompt
 
